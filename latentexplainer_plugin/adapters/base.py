@@ -1,0 +1,59 @@
+"""What every adapter (a model family's recipe from latents to images) implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Sequence
+
+import torch
+
+from ..types import Traversal
+
+DEFAULT_STRENGTHS = (-3.0, -1.5, 0.0, 1.5, 3.0)  # the LatentExplainer paper's traversal values
+
+
+def check_strengths(strengths: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """Strengths as a 1-D float tensor; empty, NaN or inf values raise ValueError."""
+    try:
+        t = torch.as_tensor(strengths, dtype=torch.float32).flatten()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"strengths must be a list of numbers, got {strengths!r}") from exc
+    if t.numel() < 2:
+        raise ValueError(f"strengths must hold at least 2 values to show a change, got {t.tolist()}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"strengths must be finite numbers, got {t.tolist()}")
+    return t
+
+
+class Adapter(ABC):
+    """Turns (site, latent or direction, strengths) into a :class:`Traversal` of images."""
+
+    name: ClassVar[str] = "adapter"
+
+    @property
+    @abstractmethod
+    def n_latents(self) -> int:
+        """How many latents (or directions) can be explained."""
+
+    @abstractmethod
+    def latent_id(self, index: int) -> str:
+        """Human-readable id of latent ``index`` (``z3``, ``dir0``)."""
+
+    @abstractmethod
+    def sample_bases(self, n: int, seed: int = 0) -> torch.Tensor:
+        """``n`` base latents to traverse from, reproducible from ``seed``."""
+
+    @abstractmethod
+    def traverse(self, indices: Sequence[int], bases: torch.Tensor, strengths: torch.Tensor,
+                 rows: int = 1, **options: Any) -> list[Traversal]:
+        """One Traversal per index, all decoded in batched calls; ``rows`` > 1 adds comparison rows."""
+
+    def check_index(self, index: int) -> int:
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < self.n_latents:
+            raise IndexError(
+                f"latent index {index!r} is out of range: this model has {self.n_latents} latents (0..{self.n_latents - 1})"
+            )
+        return index
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "n_latents": self.n_latents}

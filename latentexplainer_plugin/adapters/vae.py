@@ -1,0 +1,197 @@
+"""VAE adapter: traverse the latent input of a decoder, every latent x step x row in batched calls.
+
+1. Bases z ~ N(0, I) (or the user's latents), shape (n_bases, D).
+2. Rows (disentanglement comparison): row r clamps another latent z_j at ``clamp_values[r]``.
+3. The traversal itself is an nnsight edit at the decoder's input site: ``set`` puts z_i := s for
+   each strength s (the paper's traversal), ``add`` moves z + s * v along a direction v.
+4. All (latent, base, row, step) combinations decode together, in chunks of ``max_batch``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..hooks import check_finite, probe_shape, resolve_module, run_with_edit
+from ..plugins import hook
+from ..types import Edit, Site, Traversal
+from .base import Adapter, check_strengths
+
+DEFAULT_CLAMP_VALUES = (-1.5, 1.5)
+
+
+class _DecodeDriver(nn.Module):
+    """Runs ``model.decode(z)`` (or ``model.decoder(z)``) as a forward pass, keeping the model's module paths."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        self._decode = model.decode if callable(getattr(model, "decode", None)) else model.decoder
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        out = self._decode(z)
+        if isinstance(out, tuple):
+            out = out[0]
+        return getattr(out, "sample", out)  # diffusers' DecoderOutput
+
+
+def load_vae(path: str | Path, device: str = "cpu") -> nn.Module:
+    """Load a VAE saved by ``train-vae`` (config.json + model.safetensors), or a diffusers AutoencoderKL."""
+    from ..safe_load import LoadError, read_config
+
+    path = Path(path)
+    if not path.exists():
+        raise LoadError(f"model path {path} does not exist")
+    config = read_config(path / "config.json")
+    if config.get("_class_name") == "AutoencoderKL":
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(str(path), use_safetensors=True).to(device).eval()
+    from ..demo.model import ConvVAE
+
+    return ConvVAE.from_pretrained(path, device=device)
+
+
+class VAEAdapter(Adapter):
+    """Explain the latent dimensions of a VAE decoder (``model.decode(z)`` or ``model.decoder(z)``)."""
+
+    name = "vae"
+
+    def __init__(self, model: nn.Module | str | Path, site: Site | str | None = None, latent_dim: int | None = None,
+                 output_range: tuple[float, float] = (0.0, 1.0), max_batch: int = 512, device: str = "cpu"):
+        if isinstance(model, (str, Path)):
+            model = load_vae(model, device=device)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"VAEAdapter needs a torch nn.Module (or a model directory), got {type(model).__name__}")
+        if not (callable(getattr(model, "decode", None)) or isinstance(getattr(model, "decoder", None), nn.Module)):
+            raise TypeError(f"{type(model).__name__} has neither a decode(z) method nor a decoder module")
+        self.model = model.eval()
+        self.driver = _DecodeDriver(model).eval()
+        if isinstance(site, str):
+            site = Site.parse(site)
+        self.site = site or hook().latentexplainer_default_site(model=model) or Site("decoder", "input")
+        resolve_module(self.driver, self.site.path)
+        self.latent_dim = int(latent_dim or getattr(model, "latent_dim", 0) or getattr(getattr(model, "config", None), "latent_dim", 0))
+        if self.latent_dim < 1:
+            raise ValueError(f"cannot tell the latent size of {type(model).__name__}: pass latent_dim=")
+        lo, hi = output_range
+        if not hi > lo:
+            raise ValueError(f"output_range must be (low, high) with high > low, got {output_range}")
+        self.output_range = (float(lo), float(hi))
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.max_batch = max_batch
+        self.device = torch.device(device)
+        self._features: tuple[int, ...] | None = None
+
+    @property
+    def n_latents(self) -> int:
+        return self.latent_dim
+
+    def latent_id(self, index: int) -> str:
+        return f"z{index}"
+
+    def sample_bases(self, n: int, seed: int = 0) -> torch.Tensor:
+        if n < 1:
+            raise ValueError(f"need at least 1 base latent, got {n}")
+        return torch.randn(n, self.latent_dim, generator=torch.Generator().manual_seed(seed))
+
+    def _check_bases(self, bases: torch.Tensor) -> torch.Tensor:
+        bases = torch.as_tensor(bases, dtype=torch.float32)
+        if bases.ndim == 1:
+            bases = bases[None]
+        if bases.ndim != 2 or bases.shape[1] != self.latent_dim:
+            raise ValueError(f"base latents must have shape (n, {self.latent_dim}), got {tuple(bases.shape)}")
+        check_finite(bases, "base latents")
+        return bases
+
+    def _site_features(self, z: torch.Tensor) -> tuple[int, ...]:
+        # The activation's per-item shape at the site, probed once (runs the decoder up to the site).
+        if self._features is None:
+            self._features = tuple(probe_shape(self.driver, self.site, z[:1])[1:])
+        return self._features
+
+    @torch.no_grad()
+    def decode_edited(self, z: torch.Tensor, edit: Edit) -> torch.Tensor:
+        """Decode latents ``z`` (B, D) with ``edit`` applied at the site; images in [0, 1]."""
+        chunks = []
+        for start in range(0, len(z), self.max_batch):
+            stop = start + self.max_batch
+            part = Edit(edit.rule, edit.strengths[start:stop],
+                        direction=edit.direction[start:stop] if edit.direction is not None and edit.direction.ndim == 2 else edit.direction,
+                        index=edit.index[start:stop] if torch.is_tensor(edit.index) and edit.index.ndim == 1 else edit.index)
+            zb = z[start:stop].to(self.device)
+            expected = (len(zb), *self._site_features(zb))
+            chunks.append(run_with_edit(self.driver, self.site, part, zb, expected_shape=expected).float().cpu())
+        lo, hi = self.output_range
+        return ((torch.cat(chunks) - lo) / (hi - lo)).clamp_(0.0, 1.0)
+
+    def traverse(self, indices: Sequence[int], bases: torch.Tensor, strengths: Sequence[float] | torch.Tensor,
+                 rows: int = 1, *, clamp: Mapping[int, int] | Callable[[int], int] | None = None,
+                 clamp_values: Sequence[float] = DEFAULT_CLAMP_VALUES,
+                 directions: torch.Tensor | None = None, **_: Any) -> list[Traversal]:
+        """Traverse each latent in ``indices`` (``set`` rule) or each row of ``directions`` (``add`` rule).
+
+        With ``rows=2`` (disentanglement), row r holds latent ``clamp[i]`` at ``clamp_values[r]``.
+        """
+        strengths = check_strengths(strengths)
+        bases = self._check_bases(bases)
+        n, d = bases.shape
+        s = len(strengths)
+        if rows < 1:
+            raise ValueError(f"rows must be >= 1, got {rows}")
+        if rows > 1 and len(clamp_values) != rows:
+            raise ValueError(f"{rows} rows need {rows} clamp_values, got {list(clamp_values)}")
+        if directions is not None:
+            directions = torch.as_tensor(directions, dtype=torch.float32)
+            if directions.ndim != 2 or directions.shape[1] != d:
+                raise ValueError(f"directions must have shape (k, {d}), got {tuple(directions.shape)}")
+            check_finite(directions, "directions")
+            norms = directions.norm(dim=1)
+            if (norms < 1e-8).any():
+                raise ValueError(f"direction(s) {torch.nonzero(norms < 1e-8).flatten().tolist()} have zero norm")
+            indices = list(range(len(directions)))
+        else:
+            indices = [self.check_index(i) for i in indices]
+        if not indices:
+            raise ValueError("nothing to traverse: indices is empty")
+
+        # (latent, base, row, step) -> one flat batch
+        z = bases[None, :, None, None, :].expand(len(indices), n, rows, s, d).clone()
+        clamped: list[int | None] = []
+        for li, i in enumerate(indices):
+            j = None
+            if rows > 1:
+                j = clamp(i) if callable(clamp) else (clamp or {}).get(i, (i + 1) % d)
+                if directions is None and j == i:
+                    raise ValueError(f"latent {i} cannot be clamped against itself")
+                z[li, :, :, :, j] = torch.as_tensor(list(clamp_values), dtype=torch.float32)[None, :, None]
+            clamped.append(j)
+        flat = z.reshape(-1, d)
+        step_strengths = strengths.repeat(len(indices) * n * rows)
+        if directions is None:
+            index = torch.tensor(indices).repeat_interleave(n * rows * s)
+            edit = Edit("set", step_strengths, index=index)
+        else:
+            edit = Edit("add", step_strengths, direction=directions.repeat_interleave(n * rows * s, dim=0))
+        images = self.decode_edited(flat, edit)
+        images = images.view(len(indices), n, rows, s, *images.shape[1:])
+
+        out = []
+        for li, i in enumerate(indices):
+            j = clamped[li]
+            labels = [f"z{j} = {v:+g}" for v in clamp_values] if j is not None else [""]
+            out.append(Traversal(
+                latent_id=f"dir{i}" if directions is not None else self.latent_id(i),
+                images=images[li], strengths=strengths, rule="add" if directions is not None else "set",
+                index=i, direction=directions[i] if directions is not None else None,
+                base_latents=z[li, :, :, 0], row_labels=labels, meta={"clamped": j, "site": str(self.site)},
+            ))
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return super().describe() | {"site": str(self.site), "model": type(self.model).__name__}

@@ -1,0 +1,191 @@
+"""Captum-style entry points.
+
+- :class:`LatentExplainer` (constructor takes the thing to explain, ``attribute(inputs, target=...)``)
+  returns rich :class:`ExplanationResults`: words, certainty, traversal per latent.
+- :class:`TraversalSensitivity` is a tensor-level ``captum.attr.Attribution`` (finite-difference
+  image change per latent), so it composes with captum meta-methods such as ``NoiseTunnel``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from captum.attr import Attribution
+from captum.log import log_usage
+
+from .adapters.base import DEFAULT_STRENGTHS, Adapter, check_strengths
+from .backends.base import Backend
+from .biases.base import InductiveBias, build_prompt
+from .components import get_adapter, get_backend, get_bias
+from .results import ExplanationResults, LatentResult
+from .uncertainty import get_similarity, select_explanation
+
+Target = int | Sequence[int] | None
+
+
+def most_active_other(kl: Sequence[float]) -> Callable[[int], int]:
+    """Clamp rule for the disentanglement rows: the most active latent other than i."""
+    order = list(np.argsort(-np.asarray(kl, dtype=float)))
+    return lambda i: int(next(j for j in order if j != i))
+
+
+class LatentExplainer:
+    """Explain latents of a generator in words, with a certainty score.
+
+    Args:
+        generator: an :class:`Adapter`, or a model (``nn.Module`` or directory) for ``adapter``.
+        backend: ``"offline"`` (default), ``"openai:MODEL"``, ``"hf:PATH"`` or a Backend instance.
+        bias: inductive bias name or object (``disentanglement``, ``combination``, ``conditional``).
+        samples: n, the number of answers per latent.
+        similarity: ``"embed"`` (sentence embeddings) or ``"bow"`` (the paper's bag of words).
+        threshold: certainty below which the result is "no clear explanation" (default per similarity).
+        strengths: traversal values (the paper's {-3,-1.5,0,1.5,3} by default).
+        clamp: for two-row biases, which latent j to clamp for latent i (mapping or callable).
+        context: extra prompt words, e.g. ``{"property": "smiling"}`` for the conditional bias.
+        chunk_size: latents traversed and explained per round (results arrive per round).
+    """
+
+    def __init__(self, generator: Any, backend: str | Backend = "offline", bias: str | InductiveBias = "disentanglement",
+                 samples: int = 5, similarity: str = "embed", threshold: float | None = None,
+                 strengths: Sequence[float] = DEFAULT_STRENGTHS, seed: int = 0, adapter: str | None = None,
+                 clamp: Any = None, context: dict[str, Any] | None = None, chunk_size: int = 16,
+                 backend_options: dict[str, Any] | None = None, adapter_options: dict[str, Any] | None = None):
+        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+            raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        self.strengths = check_strengths(strengths)
+        self.similarity = get_similarity(similarity)
+        self.bias = get_bias(bias)
+        self.backend = get_backend(backend, **(backend_options or {}))
+        self.adapter: Adapter = get_adapter(generator, adapter, **(adapter_options or {}))
+        self.samples, self.threshold, self.seed = samples, threshold, seed
+        self.clamp, self.context, self.chunk_size = clamp, dict(context or {}), chunk_size
+        missing = [k for k in self.bias.requires if not self.context.get(k)]
+        if missing:
+            raise ValueError(f"the {self.bias.name!r} bias needs context {missing} (e.g. context={{'property': 'smiling'}})")
+
+    def _targets(self, target: Target) -> list[int]:
+        if target is None:
+            return list(range(self.adapter.n_latents))
+        targets = [target] if isinstance(target, int) else list(target)
+        if not targets:
+            raise ValueError("target is empty: give a latent index, a list of indices, or None for all")
+        return [self.adapter.check_index(int(t) if isinstance(t, np.integer) else t) for t in targets]
+
+    def _bases(self, inputs: torch.Tensor | None) -> torch.Tensor:
+        needed = self.samples if self.backend.samples_from_bases else max(1, self.bias.prompt_bases)
+        if inputs is None:
+            return self.adapter.sample_bases(needed, seed=self.seed)
+        inputs = torch.as_tensor(inputs, dtype=torch.float32)
+        if inputs.ndim == 1:
+            inputs = inputs[None]
+        if len(inputs) < needed:
+            raise ValueError(
+                f"got {len(inputs)} base latents, but the {self.backend.name!r} backend takes one answer per base "
+                f"and samples={self.samples}: give at least {needed} inputs, or inputs=None to sample them"
+            )
+        return inputs
+
+    def attribute(self, inputs: torch.Tensor | None = None, target: Target = None, *,
+                  on_result: Callable[[LatentResult], None] | None = None, skip: Sequence[int] = ()) -> ExplanationResults:
+        """Explain each target latent; ``inputs`` are base latents (n, D), sampled from ``seed`` when None.
+
+        ``on_result`` is called with each finished latent (the run store writes it at once);
+        latents in ``skip`` are not computed (a resumed run already has them).
+        """
+        targets = self._targets(target)
+        bases = self._bases(inputs)
+        todo = [t for t in targets if t not in set(skip)]
+        out: list[LatentResult] = []
+        for start in range(0, len(todo), self.chunk_size):
+            chunk = todo[start : start + self.chunk_size]
+            t0 = time.perf_counter()
+            traversals = self.adapter.traverse(chunk, bases, self.strengths, rows=self.bias.rows, clamp=self.clamp)
+            t_traverse = (time.perf_counter() - t0) / len(chunk)
+            jobs, prepared = [], []
+            for index, traversal in zip(chunk, traversals):
+                try:
+                    prompt = build_prompt(self.bias, traversal, self.context)
+                    jobs.append((traversal, prompt, self.samples))
+                    prepared.append((index, traversal, None))
+                except Exception as exc:
+                    prepared.append((index, traversal, exc))
+            t1 = time.perf_counter()
+            answers = iter(self.backend.explain_many(jobs))
+            t_explain = (time.perf_counter() - t1) / max(1, len(jobs))
+            for index, traversal, prep_error in prepared:
+                answer = prep_error if prep_error is not None else next(answers)
+                result = self._select(index, traversal, answer)
+                result.timing = {"traverse_s": t_traverse, "explain_s": t_explain} | result.timing
+                out.append(result)
+                if on_result is not None:
+                    on_result(result)
+        return ExplanationResults(out, info=self.describe())
+
+    def _select(self, index: int, traversal: Any, answer: Any) -> LatentResult:
+        lid = self.adapter.latent_id(index)
+        if isinstance(answer, BaseException):
+            return LatentResult(lid, index, "failed", traversal=traversal, error=f"{type(answer).__name__}: {answer}")
+        t0 = time.perf_counter()
+        try:
+            chosen = select_explanation(answer, self.similarity, self.threshold)
+        except ValueError as exc:  # every sample failed: report it, never score it
+            return LatentResult(lid, index, "failed", responses=list(answer), traversal=traversal, error=str(exc))
+        return LatentResult(lid, index, "ok", explanation=chosen.explanation, certainty=chosen.certainty,
+                            clear=chosen.clear, responses=chosen.responses, traversal=traversal,
+                            timing={"select_s": time.perf_counter() - t0})
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "adapter": self.adapter.describe(),
+            "backend": self.backend.describe(),
+            "bias": self.bias.name,
+            "samples": self.samples,
+            "similarity": self.similarity.name,
+            "threshold": self.threshold if self.threshold is not None else self.similarity.default_threshold,
+            "strengths": self.strengths.tolist(),
+            "seed": self.seed,
+        }
+
+
+class TraversalSensitivity(Attribution):
+    """How much the generated image changes per unit move of each latent (central finite differences).
+
+    ``forward_func`` maps latents (B, D) to images (B, ...). ``attribute(inputs)`` returns (B, D):
+    the mean absolute image change per unit of latent ``d`` around each input. Tensor in, tensor
+    out, so captum's ``NoiseTunnel`` can average it over noisy inputs.
+    """
+
+    def __init__(self, forward_func: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__(forward_func)
+
+    @log_usage()
+    def attribute(self, inputs: torch.Tensor, target: Any = None, delta: float = 0.5,
+                  additional_forward_args: Any = None) -> torch.Tensor:
+        if not torch.is_tensor(inputs) or inputs.ndim != 2:
+            raise ValueError(f"inputs must be latents of shape (B, D), got {getattr(inputs, 'shape', type(inputs))}")
+        if not delta > 0:
+            raise ValueError(f"delta must be > 0, got {delta}")
+        b, d = inputs.shape
+        eye = torch.eye(d, dtype=inputs.dtype, device=inputs.device) * delta
+        plus = (inputs[:, None, :] + eye[None]).reshape(b * d, d)
+        minus = (inputs[:, None, :] - eye[None]).reshape(b * d, d)
+        args = () if additional_forward_args is None else tuple(additional_forward_args)
+        with torch.no_grad():
+            out_p = self.forward_func(plus, *args)
+            out_m = self.forward_func(minus, *args)
+        diff = (out_p - out_m).abs().reshape(b, d, -1).mean(-1) / (2 * delta)
+        return diff
+
+    def has_convergence_delta(self) -> bool:
+        return False
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return False

@@ -1,0 +1,219 @@
+"""The default explainer: measures the traversal images and says the dominant change in words.
+
+No network, no model weights. Response ``k`` is computed from base latent ``k`` of the traversal,
+so ``n`` answers need a traversal built with at least ``n`` bases (``samples_from_bases``). The
+rows of one base show the same traversal with something else held at different values; a change
+counts only as far as every row agrees on it (same sign; the weakest row's size), so a change that
+depends on the other latents is weakened or dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..types import Prompt, Response, Traversal
+from . import measure as M
+from .base import Backend, BackendError
+
+# Hue names by upper bound of their hue range in degrees (the last one wraps back to red).
+_HUE_NAMES = (
+    (15.0, "red"),
+    (45.0, "orange"),
+    (70.0, "yellow"),
+    (160.0, "green"),
+    (200.0, "cyan"),
+    (265.0, "blue"),
+    (290.0, "purple"),
+    (345.0, "magenta"),
+    (360.0, "red"),
+)
+
+# Properties that describe an object; used only when an object is found in most frames.
+_OBJECT_PROPERTIES = ("x", "y", "area", "rotation", "hue", "compactness", "background")
+
+
+def colour_name(hue: float) -> str:
+    """Name of a hue given in turns (any real number; taken modulo 1)."""
+    deg = (hue % 1.0) * 360.0
+    for upper, name in _HUE_NAMES:
+        if deg < upper:
+            return name
+    return "red"
+
+
+def _phrase(prop: str, sign: float, first: bool, hues: tuple[float, float] | None = None) -> str:
+    """Verb phrase for a change; ``first`` names the object, later phrases say "it"."""
+    obj = "the object" if first else "it"
+    poss = "the object's" if first else "its"
+    up = sign > 0
+    if prop == "x":
+        return f"moves {obj} from left to right" if up else f"moves {obj} from right to left"
+    if prop == "y":
+        return f"moves {obj} from top to bottom" if up else f"moves {obj} from bottom to top"
+    if prop == "area":
+        return f"makes {obj} larger" if up else f"makes {obj} smaller"
+    if prop == "rotation":
+        return f"rotates {obj} clockwise" if up else f"rotates {obj} counterclockwise"
+    if prop == "hue":
+        start, end = hues if hues is not None else (0.0, 0.0)
+        a, b = colour_name(start), colour_name(end)
+        if a != b:
+            return f"changes {poss} colour from {a} to {b}"
+        # Both ends have the same name: say which neighbouring colour the change heads for.
+        step = 1.0 if end >= start else -1.0
+        for k in range(1, 19):
+            b = colour_name(end + step * k * 5.0 / 360.0)
+            if b != a:
+                return f"shifts {poss} colour from {a} towards {b}"
+        return f"shifts {poss} {a} colour hue"
+    if prop == "background":
+        return "makes the background brighter" if up else "makes the background darker"
+    if prop == "compactness":
+        if up:
+            return f"changes {poss} shape, making it more compact (rounder)"
+        return f"changes {poss} shape, making it more elongated (less compact)"
+    if prop == "intensity":
+        return "makes the whole image brighter" if up else "makes the whole image darker"
+    raise ValueError(f"no phrase for property {prop!r}")
+
+
+class OfflineBackend(Backend):
+    """Explains a traversal by measuring its images (see :mod:`latentexplainer_plugin.backends.measure`).
+
+    ``min_effect``: the largest consistent normalised effect must reach this, else the answer
+    abstains ("No visible change ..."). 0.15 is e.g. 7.5 % of the image width of travel, a 16 %
+    area change, a 13.5-degree turn, 27 degrees of hue or a 0.075 brightness change.
+    ``min_pixel_change``: mean absolute difference between consecutive 4x4-pooled frames below
+    which a row counts as static whatever the measurements say.
+    ``secondary_ratio``: a second change is named when it is at least this fraction of the first.
+    ``min_contrast``: colour distance from the background an object needs to be found.
+    """
+
+    name = "offline"
+    supports_images = True
+    supports_n = True
+    samples_from_bases = True
+
+    def __init__(
+        self,
+        min_effect: float = 0.15,
+        secondary_ratio: float = 0.6,
+        min_pixel_change: float = 0.002,
+        min_contrast: float = M.MIN_CONTRAST,
+        max_angle: float = 45.0,
+        angle_step: float = 3.0,
+    ) -> None:
+        if min_effect <= 0:
+            raise ValueError(f"min_effect must be > 0, got {min_effect}")
+        if not 0 < secondary_ratio <= 1:
+            raise ValueError(f"secondary_ratio must be in (0, 1], got {secondary_ratio}")
+        if angle_step <= 0 or max_angle <= 0:
+            raise ValueError(f"max_angle and angle_step must be > 0, got {max_angle} and {angle_step}")
+        self.min_effect = float(min_effect)
+        self.secondary_ratio = float(secondary_ratio)
+        self.min_pixel_change = float(min_pixel_change)
+        self.min_contrast = float(min_contrast)
+        self.max_angle = float(max_angle)
+        self.angle_step = float(angle_step)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "min_effect": self.min_effect,
+            "secondary_ratio": self.secondary_ratio,
+            "min_pixel_change": self.min_pixel_change,
+            "min_contrast": self.min_contrast,
+            "max_angle": self.max_angle,
+            "angle_step": self.angle_step,
+            "scales": dict(M.SCALES),
+        }
+
+    # -- measuring ---------------------------------------------------------------------------
+    def _row(self, strip: torch.Tensor) -> tuple[dict[str, float], tuple[float, float] | None]:
+        meas = M.strip_measurements(strip, self.min_contrast, max_angle=self.max_angle, step=self.angle_step)
+        eff = M.strip_effects(strip, meas)
+        hue = meas["hue"]
+        valid = hue[~torch.isnan(hue)]
+        hues = (float(valid[0]), float(valid[-1])) if len(valid) >= 2 else None
+        return eff, hues
+
+    @staticmethod
+    def _consistent(values: list[float]) -> float:
+        """The change every row agrees on: the smallest magnitude when all signs agree, else 0."""
+        if not values:
+            return 0.0
+        if all(v > 0 for v in values):
+            return min(values)
+        if all(v < 0 for v in values):
+            return max(values)
+        return 0.0
+
+    def effects(self, rows: torch.Tensor) -> dict[str, Any]:
+        """Measure one base: ``rows`` is (R, S, C, H, W). Returns the consistent effects, the
+        per-row effects, whether an object was found and the hue endpoints of the first row."""
+        per_row, hue_ends = [], []
+        for strip in rows:
+            eff, hues = self._row(strip)
+            per_row.append(eff)
+            hue_ends.append(hues)
+        keys = list(M.EFFECTS)
+        consistent = {k: self._consistent([r[k] for r in per_row]) for k in keys}
+        consistent["pixel_change"] = min(r["pixel_change"] for r in per_row)
+        obj = min(r["object_fraction"] for r in per_row) >= 0.5
+        return {"effects": consistent, "rows": per_row, "object": obj, "hues": next((h for h in hue_ends if h), None)}
+
+    # -- wording -----------------------------------------------------------------------------
+    def _answer(self, latent: str, measured: dict[str, Any]) -> tuple[str, bool, list[str]]:
+        eff = measured["effects"]
+        candidates = _OBJECT_PROPERTIES if measured["object"] else ("intensity",)
+        ranked = sorted(((abs(eff[k]), k) for k in candidates), reverse=True)
+        top, prop = ranked[0]
+        if top < self.min_effect or eff["pixel_change"] < self.min_pixel_change:
+            return f"No visible change: the images stay the same as {latent} changes.", True, []
+        parts = [prop]
+        if len(ranked) > 1:
+            second, prop2 = ranked[1]
+            if second >= self.min_effect and second >= self.secondary_ratio * top:
+                parts.append(prop2)
+        if set(parts) == {"x", "y"}:  # one diagonal movement, not two
+            down, right = eff["y"] > 0, eff["x"] > 0
+            origin = ("top" if down else "bottom") + " " + ("left" if right else "right")
+            target = ("bottom" if down else "top") + " " + ("right" if right else "left")
+            return f"Increasing {latent} moves the object diagonally from {origin} to {target}.", False, parts
+        phrases = [_phrase(p, eff[p], i == 0, measured["hues"]) for i, p in enumerate(parts)]
+        return f"Increasing {latent} {' and '.join(phrases)}.", False, parts
+
+    def explain(self, traversal: Traversal, prompt: Prompt | None, n: int) -> list[Response]:
+        if n < 0:
+            raise BackendError(f"n must be >= 0, got {n}")
+        if traversal.n_bases < n:
+            raise BackendError(
+                f"the offline explainer draws one answer per base latent: got n={n}, but the traversal "
+                f"has {traversal.n_bases} bases; build it with at least n bases"
+            )
+        images = traversal.images
+        if images.shape[2] < 2:
+            raise BackendError(f"the offline explainer needs at least 2 traversal steps, got {images.shape[2]}")
+        out: list[Response] = []
+        for k in range(n):
+            try:
+                measured = self.effects(images[k])
+            except (ValueError, TypeError) as exc:
+                raise BackendError(f"the offline explainer cannot measure these images: {exc}") from exc
+            text, abstained, parts = self._answer(traversal.latent_id, measured)
+            meta = {
+                "base": k,
+                "effects": {key: round(float(v), 4) for key, v in measured["effects"].items()},
+                "row_effects": [{key: round(float(v), 4) for key, v in r.items()} for r in measured["rows"]],
+                "object": measured["object"],
+                "named": parts,
+            }
+            if measured["hues"] is not None:
+                meta["hue_start"], meta["hue_end"] = (round(h % 1.0, 4) for h in measured["hues"])
+            out.append(Response(text=text, abstained=abstained, meta=meta))
+        return out
+
+
+__all__ = ["OfflineBackend", "colour_name"]

@@ -1,0 +1,6 @@
+"""Inductive biases: a formula, a symbol-to-word map and a layout, turned into a prompt."""
+
+from .base import InductiveBias, build_prompt
+from .builtin import BUILTIN_BIASES, COMBINATION, CONDITIONAL, DISENTANGLEMENT
+
+__all__ = ["BUILTIN_BIASES", "COMBINATION", "CONDITIONAL", "DISENTANGLEMENT", "InductiveBias", "build_prompt"]

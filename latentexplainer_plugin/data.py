@@ -1,0 +1,42 @@
+"""Reading image datasets in the ``train-vae`` npz layout (images, optional factors and factor_names)."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .safe_load import LoadError
+
+
+def load_npz(path: str | Path, need_factors: bool = False) -> dict[str, Any]:
+    """Load and check an npz: ``images`` (N,H,W,C) uint8, C in {1,3}; ``factors`` (N,K); ``factor_names`` (K,)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoadError(f"data file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            data = {k: f[k] for k in f.files}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise LoadError(f"{path} is not a readable .npz file (pickled object arrays are refused): {exc}") from exc
+    if "images" not in data:
+        raise LoadError(f"{path} has no 'images' array (found: {', '.join(data) or 'nothing'}); expected images (N,H,W,3) uint8")
+    images = data["images"]
+    if images.dtype != np.uint8:
+        raise LoadError(f"{path}: 'images' must be uint8 in 0..255, got {images.dtype}")
+    if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.shape[1] != images.shape[2] or len(images) == 0:
+        raise LoadError(f"{path}: 'images' must have shape (N,H,W,C) with H == W and C in (1, 3), got {images.shape}")
+    out: dict[str, Any] = {"images": images}
+    if "factors" in data:
+        factors = np.asarray(data["factors"], dtype=np.float64)
+        if factors.ndim != 2 or len(factors) != len(images):
+            raise LoadError(f"{path}: 'factors' must have shape (N={len(images)}, K), got {data['factors'].shape}")
+        names = [str(n) for n in data.get("factor_names", [f"factor{k}" for k in range(factors.shape[1])])]
+        if len(names) != factors.shape[1]:
+            raise LoadError(f"{path}: {len(names)} factor_names for {factors.shape[1]} factor columns")
+        out["factors"], out["factor_names"] = factors, names
+    elif need_factors:
+        raise LoadError(f"{path} has no 'factors' array; evaluation needs ground-truth factors (N,K) and factor_names")
+    return out

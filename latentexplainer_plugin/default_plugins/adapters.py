@@ -1,0 +1,10 @@
+"""Built-in adapters."""
+
+from ..hookspecs import hookimpl
+
+
+@hookimpl
+def latentexplainer_register_adapters(register):
+    from ..adapters.vae import VAEAdapter
+
+    register("vae", VAEAdapter)

@@ -1,0 +1,123 @@
+"""Latent sites: find them in a model, check edits against them, probe their shape."""
+
+from __future__ import annotations
+
+import difflib
+import math
+
+import torch
+from torch import nn
+
+from ..types import Edit, Site
+
+
+class SiteError(ValueError):
+    """A module path that is not in the model; the message names the closest valid paths."""
+
+
+class EditError(ValueError):
+    """An edit that does not fit the activation it is applied to (shape, index, NaN/inf)."""
+
+
+def module_paths(model: nn.Module) -> list[str]:
+    """Every module path of ``model`` (``""`` is the model itself)."""
+    return [name for name, _ in model.named_modules()]
+
+
+def resolve_module(model: nn.Module, path: str) -> nn.Module:
+    """The module at ``path``; an unknown path raises :class:`SiteError` with suggestions."""
+    modules = dict(model.named_modules())
+    if path in modules:
+        return modules[path]
+    candidates = [p for p in modules if p]
+    close = difflib.get_close_matches(path, candidates, n=5, cutoff=0.5)
+    if not close:  # fall back to paths that share the last component or a prefix
+        last = path.rsplit(".", 1)[-1]
+        close = [p for p in candidates if p.rsplit(".", 1)[-1] == last or p.startswith(path.split(".")[0])][:5]
+    hint = f"closest valid module paths: {', '.join(close)}" if close else (
+        f"top-level modules: {', '.join(n for n, _ in model.named_children()) or '(none)'}"
+    )
+    raise SiteError(f"module path {path!r} is not in {type(model).__name__}; {hint}")
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> None:
+    """Refuse NaN/inf values with a message naming ``what`` holds them."""
+    if not torch.is_tensor(tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.is_floating_point() or tensor.is_complex():
+        bad = ~torch.isfinite(tensor)
+        if bad.any():
+            n_nan = int(torch.isnan(tensor).sum())
+            raise EditError(
+                f"{what} contains {int(bad.sum())} non-finite values ({n_nan} NaN, {int(bad.sum()) - n_nan} inf) "
+                f"out of {tensor.numel()}; latents, directions and strengths must be finite"
+            )
+
+
+def validate_edit(edit: Edit, shape: torch.Size | tuple[int, ...]) -> None:
+    """Check that ``edit`` fits an activation of ``shape`` (batch first); raise :class:`EditError` if not."""
+    shape = tuple(shape)
+    if len(shape) < 2:
+        raise EditError(f"site activation has shape {shape}; expected a batch dimension plus features")
+    batch, features = shape[0], shape[1:]
+    strengths = torch.as_tensor(edit.strengths)
+    check_finite(strengths, "edit strengths")
+    if strengths.ndim != 1 or len(strengths) != batch:
+        raise EditError(
+            f"edit has strengths of shape {tuple(strengths.shape)}, but the activation at the site has shape "
+            f"{shape}: give one strength per batch item ({batch})"
+        )
+    if edit.rule == "add":
+        if edit.direction is None:
+            raise EditError("the 'add' rule needs a direction")
+        check_finite(edit.direction, "edit direction")
+        d = tuple(edit.direction.shape)
+        if d != features and d != shape:
+            raise EditError(
+                f"edit direction has shape {d}, but the activation at the site has shape {shape}; the direction "
+                f"must have shape {features} (one for all samples) or {shape} (one per sample)"
+            )
+    elif edit.rule == "set":
+        if edit.index is None:
+            raise EditError("the 'set' rule needs an index")
+        n = math.prod(features)
+        index = torch.as_tensor(edit.index)
+        if index.ndim not in (0, 1) or (index.ndim == 1 and len(index) != batch):
+            raise EditError(f"edit index must be an int or one index per batch item ({batch}), got shape {tuple(index.shape)}")
+        if int(index.min()) < 0 or int(index.max()) >= n:
+            raise EditError(
+                f"edit index {index.tolist()} is out of range for an activation of shape {shape} "
+                f"({n} features per item: allowed 0..{n - 1})"
+            )
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def probe_shape(model: nn.Module, site: Site, *args, **kwargs) -> torch.Size:
+    """Shape of the activation at ``site`` for these inputs, by running the model only up to the site."""
+    module = resolve_module(model, site.path)
+    found: list[torch.Size] = []
+
+    def record(value):
+        value = value[0] if isinstance(value, (tuple, list)) else value
+        if not torch.is_tensor(value):
+            raise SiteError(f"site {site} holds a {type(value).__name__}, not a tensor")
+        found.append(value.shape)
+        raise _StopForward
+
+    if site.kind == "input":
+        handle = module.register_forward_pre_hook(lambda m, a, kw: record(a[0] if a else next(iter(kw.values()))), with_kwargs=True)
+    else:
+        handle = module.register_forward_hook(lambda m, a, out: record(out))
+    try:
+        model(*args, **kwargs)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not found:
+        raise SiteError(f"site {site} was never called during the forward pass of {type(model).__name__}")
+    return found[0]

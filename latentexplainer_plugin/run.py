@@ -1,0 +1,108 @@
+"""Explain a model into a run directory: results.json (incremental), strips/*.png, report.html."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .attribution import LatentExplainer, most_active_other
+from .report.html import write_report
+from .store import RunStore
+
+KL_ACTIVE = 0.05  # nats: below this a latent is treated as collapsed
+
+
+@dataclass
+class LatentStats:
+    """What is known about each latent from data: KL to the prior and the factor it captures."""
+
+    kl: np.ndarray  # (D,)
+    factors: list[Any] | None = None  # FactorMatch per latent, when the data has factors
+
+    def extras(self, index: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"kl": round(float(self.kl[index]), 4), "active": bool(self.kl[index] > KL_ACTIVE)}
+        if self.factors is not None:
+            m = self.factors[index]
+            out["factor"] = {"name": m.factor, "score": round(m.score, 4), "metric": m.metric}
+        return out
+
+
+def latent_stats(model: Any, images: np.ndarray, factors: np.ndarray | None = None,
+                 factor_names: Sequence[str] | None = None) -> LatentStats:
+    """KL per latent (and captured factors when ``factors`` are given) of a VAE with ``encode``."""
+    from .demo.train import encode_means, latent_kl
+
+    kl = latent_kl(model, images)
+    matches = None
+    if factors is not None:
+        from .evaluation.factors import captured_factors
+
+        names = list(factor_names) if factor_names is not None else [f"factor{k}" for k in range(factors.shape[1])]
+        codes = encode_means(model, images)
+        matches = captured_factors(codes, factors, names)
+        for m in matches:  # a collapsed latent captures nothing, whatever noise says
+            if kl[m.latent] <= KL_ACTIVE:
+                m.factor = None
+    return LatentStats(kl, matches)
+
+
+def explain_to_dir(explainer: LatentExplainer, out_dir: str | Path, *, target: Any = None, stats: LatentStats | None = None,
+                   header: dict[str, Any] | None = None, resume: bool = False, force: bool = False,
+                   progress: bool = True) -> dict[str, Any]:
+    """Run ``explainer`` over ``target`` latents, writing each result as soon as it is done.
+
+    Returns the final results.json content. Latents already finished (``resume``) are skipped.
+    """
+    from tqdm.auto import tqdm
+
+    info = explainer.describe()
+    settings = {k: info[k] for k in ("bias", "samples", "similarity", "threshold", "strengths", "seed")} | {
+        "adapter": info["adapter"], "backend": info["backend"]}
+    header = {"model": None} | (header or {}) | {"adapter": info["adapter"], "backend": info["backend"], "bias": info["bias"]}
+    store = RunStore(out_dir, header, settings, resume=resume, force=force)
+    started = time.perf_counter()
+    try:
+        targets = explainer._targets(target)
+        done = {e["index"] for e in store.entries.values()}
+        bar = tqdm(total=len(targets), initial=len(done & set(targets)), desc="explain", disable=not progress, unit="latent")
+
+        def on_result(result) -> None:
+            store.add(result, stats.extras(result.index) if stats is not None else None)
+            bar.update(1)
+
+        if stats is not None and explainer.bias.rows > 1 and explainer.clamp is None:
+            explainer.clamp = most_active_other(stats.kl)
+        explainer.attribute(target=targets, on_result=on_result, skip=sorted(done))
+        bar.close()
+        store.header["elapsed_s"] = round(time.perf_counter() - started, 3)
+        data = store.finish("complete")
+    except KeyboardInterrupt:
+        store.finish("interrupted")
+        raise
+    except BaseException:
+        store.release()
+        raise
+    write_report(out_dir, data)
+    return data
+
+
+def summarize(data: dict[str, Any]) -> tuple[str, int]:
+    """A one-screen summary of a run and the exit code (0 when every latent has a result)."""
+    lines = []
+    failed = 0
+    for e in data["latents"]:
+        cert = "" if e.get("certainty") is None else f"[{e['certainty']:.2f}] "
+        factor = e.get("factor") or {}
+        extra = f"  (KL {e['kl']:.2f}{', ' + factor['name'] if factor.get('name') else ''})" if "kl" in e else ""
+        if e["status"] == "failed":
+            failed += 1
+            lines.append(f"{e['id']:>6}: FAILED {e.get('error')}")
+        else:
+            lines.append(f"{e['id']:>6}: {cert}{e['explanation'] if e.get('clear') else 'no clear explanation'}{extra}")
+    if failed:
+        lines.append(f"{failed} of {len(data['latents'])} latents failed; see results.json for the errors.")
+    return "\n".join(lines), (1 if failed else 0)

@@ -1,0 +1,126 @@
+"""The plain objects passed forward along the data flow: Site -> Traversal -> Prompt -> Response -> Explanation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+SiteKind = Literal["input", "output"]
+
+
+@dataclass(frozen=True)
+class Site:
+    """A place in a model where a latent lives: a module path and whether it is the input or output."""
+
+    path: str
+    kind: SiteKind = "output"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("input", "output"):
+            raise ValueError(f"site kind must be 'input' or 'output', got {self.kind!r}")
+
+    def __str__(self) -> str:
+        return f"{self.path}.{self.kind}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Site":
+        """Parse ``"decoder.input"`` or ``"mid_block"`` (output by default)."""
+        path, _, last = text.rpartition(".")
+        if last in ("input", "output") and path:
+            return cls(path, last)  # type: ignore[arg-type]
+        return cls(text, "output")
+
+
+@dataclass
+class Edit:
+    """How to change the activation at a site, per batch item.
+
+    ``rule`` names an edit rule (built in: ``add`` = a + strength * direction, ``set`` = coordinate
+    ``index`` := strength); plugins may add others through the ``latentexplainer_edit`` hook.
+    ``strengths`` has one value per batch item of the edited forward pass.
+    """
+
+    rule: str
+    strengths: torch.Tensor
+    direction: torch.Tensor | None = None
+    index: int | None = None
+    calls: slice | None = None  # which calls of the site to edit when it runs many times (None: all)
+
+
+@dataclass
+class Traversal:
+    """Images decoded while one latent (or direction) moves over ``strengths``.
+
+    ``images`` is (n_bases, n_rows, n_steps, C, H, W) in [0, 1]: one strip per row, one row set per
+    base latent. Rows share the traversal and differ in what else is held fixed (``row_labels``).
+    """
+
+    latent_id: str
+    images: torch.Tensor
+    strengths: torch.Tensor
+    rule: str
+    index: int | None = None
+    direction: torch.Tensor | None = None
+    base_latents: torch.Tensor | None = None
+    row_labels: list[str] = field(default_factory=lambda: [""])
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 6:
+            raise ValueError(
+                f"Traversal.images must be (n_bases, n_rows, n_steps, C, H, W), got shape {tuple(self.images.shape)}"
+            )
+        if self.images.shape[2] != len(self.strengths):
+            raise ValueError(f"{self.images.shape[2]} steps of images but {len(self.strengths)} strengths")
+
+    @property
+    def n_bases(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def n_rows(self) -> int:
+        return self.images.shape[1]
+
+
+@dataclass
+class Prompt:
+    """What a backend is asked: text plus the images it refers to (PIL images, laid out by the bias)."""
+
+    text: str
+    images: list[Any]
+    bias: str
+    system: str | None = None
+
+
+@dataclass
+class Response:
+    """One sampled answer. ``text`` is None when the sample failed (``error`` says why).
+
+    ``abstained`` marks an answer that says nothing visible changes or that it cannot tell: a
+    valid answer, but never a clear explanation.
+    """
+
+    text: str | None
+    error: str | None = None
+    abstained: bool = False
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.text is not None and self.error is None
+
+
+@dataclass
+class Explanation:
+    """The agreed explanation of a latent, or none (``clear`` False) with the certainty that was measured."""
+
+    explanation: str | None
+    certainty: float
+    clear: bool
+    responses: list[Response]
+    similarity: str
+    threshold: float
+    abstentions: int = 0
+    failures: int = 0

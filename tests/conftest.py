@@ -1,0 +1,28 @@
+"""Test-wide settings: no external plugins, no hub access, few threads, seeded RNGs."""
+
+import os
+
+os.environ.setdefault("LATENTEXPLAINER_NO_PLUGINS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def tiny_vae():
+    """An untrained 16x16 ConvVAE with 4 latents (fast; structure tests only)."""
+    from latentexplainer_plugin.demo.model import ConvVAE, ConvVAEConfig
+
+    torch.manual_seed(0)
+    return ConvVAE(ConvVAEConfig(latent_dim=4, image_size=16, width=8, hidden=32)).eval()
