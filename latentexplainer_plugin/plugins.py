@@ -56,7 +56,7 @@ class Registry:
         try:
             return self.entries[name]
         except KeyError:
-            singular = self.kind[:-1].replace("_", " ")
+            singular = {"biases": "bias"}.get(self.kind, self.kind[:-1].replace("_", " "))
             raise UnknownComponentError(
                 f"unknown {singular} {name!r}; registered: {', '.join(self.names()) or '(none)'}"
             ) from None

@@ -424,6 +424,10 @@ def test_calibrate_threshold_edges():
     # a certainty of exactly 0 or 1 must still give a usable threshold in [0, 1]
     assert calibrate_threshold([0.0, 1.0], [False, True]) == pytest.approx(0.5)
     assert calibrate_threshold([0.0, 0.0, 1.0], [False, True, True]) == pytest.approx(0.5)
+    # neighbours one float apart: the threshold must still split them
+    hi = math.nextafter(0.3, 1.0)
+    t = calibrate_threshold([0.3, hi], [False, True])
+    assert 0.3 < t <= hi
 
 
 @pytest.mark.parametrize(

@@ -18,15 +18,17 @@ never a clear explanation: it is kept (``text`` set) and marked ``abstained=True
 (:data:`ABSTENTION_PATTERNS`, matched case-insensitively on the cleaned text) are deliberately
 few and specific:
 
-* "no visible / noticeable / discernible / apparent / obvious / clear / significant change(s)",
-  "no change(s)", "no (visible / noticeable) difference(s)";
+* "no visible / noticeable / discernible / apparent / obvious / clear / significant change(s)";
+  a bare "no change(s)" only as "There is / There are / I see no change" or at the very start
+  ("the shape makes no change in colour while it grows" is an explanation);
+  "no (visible / noticeable) difference(s)";
 * "nothing changes", "nothing (visibly / noticeably / really) changes", "nothing seems to change";
 * "cannot tell", "can't tell", "unable to tell / determine / identify / see / discern",
   "I cannot / can't determine / identify / see / discern";
 * "the images are / look / appear identical / the same" and "all images are identical".
 
 A phrase followed in the same sentence by a contrast ("except", "but", "other than", "apart from",
-"aside from", "besides", "save for") is *not* an abstention: "Nothing changes except the
+"aside from", "besides", "save for", "only", "whereas", "however") is *not* an abstention: "Nothing changes except the
 colour turns red" explains a latent.
 
 An empty answer, or one that is only boilerplate, becomes ``Response(text=None, error="empty
@@ -60,7 +62,7 @@ _LEADING = [
 
 # Trailing filler: a sentence starting with one of these, to the end of the text.
 _TRAILING = re.compile(
-    r"(^|(?<=[.!?])\s+|\s+)(let me know if|i hope this helps|hope this helps|feel free to|"
+    r"(^|(?<=[.!?])\s+)(let me know if|i hope this helps|hope this helps|feel free to|"
     r"if you have any|if you need)\b.*$",
     re.I | re.S,
 )
@@ -76,7 +78,8 @@ _LABEL_LINE = re.compile(r"^(the\s+)?(explanation|answer|description|summary|res
 
 #: Regular expressions (case-insensitive, on cleaned text) that mark an abstention.
 ABSTENTION_PATTERNS: list[str] = [
-    r"\bno\s+(?:(?:visible|noticeable|discernible|apparent|obvious|clear|significant|meaningful|perceptible)\s+)?changes?\b",
+    r"\bno\s+(?:visible|noticeable|discernible|apparent|obvious|clear|significant|meaningful|perceptible)\s+changes?\b",
+    r"(?:^|\bthere\s+(?:is|are|appears\s+to\s+be|seems\s+to\s+be)\s+|\bi\s+(?:see|observe|notice)\s+)no\s+changes?\b",
     r"\bno\s+(?:(?:visible|noticeable|discernible|apparent|obvious|clear)\s+)?differences?\b",
     r"\bnothing\s+(?:(?:visibly|noticeably|really|actually|much)\s+)?changes\b",
     r"\bnothing\s+(?:seems|appears)\s+to\s+change\b",
@@ -85,7 +88,9 @@ ABSTENTION_PATTERNS: list[str] = [
     r"\b(?:the|all|these)\s+(?:\w+\s+)?images\s+(?:are|look|appear|seem)\s+(?:to\s+be\s+)?(?:all\s+)?(?:identical|the\s+same)\b",
 ]
 _ABSTAIN = [re.compile(p, re.I) for p in ABSTENTION_PATTERNS]
-_CONTRAST = re.compile(r"\b(except|but|other\s+than|apart\s+from|aside\s+from|besides|save\s+for)\b", re.I)
+_CONTRAST = re.compile(
+    r"\b(except|but|other\s+than|apart\s+from|aside\s+from|besides|save\s+for|only|whereas|however)\b", re.I
+)
 
 
 def _strip_quotes(text: str) -> str:
@@ -101,9 +106,13 @@ def _strip_quotes(text: str) -> str:
 def _clean_line(line: str) -> str:
     line = _QUOTE_LINE.sub("", line)
     line = _HEADER.sub("", line)
-    line = _BULLET.sub("", line)
-    line = line.strip()
-    return "" if _LABEL_LINE.match(line) else line
+    bullet = bool(_BULLET.match(line))
+    line = _BULLET.sub("", line).strip()
+    if _LABEL_LINE.match(line):
+        return ""
+    if bullet and line and line[-1] not in ".!?;:,":
+        line += "."  # list items become sentences when joined
+    return line
 
 
 def is_abstention(text: str) -> bool:
