@@ -14,6 +14,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "LatentExplainer": "attribution",
     "TraversalSensitivity": "attribution",
+    "RankThenExplain": "ranking",
+    "RankedLatents": "ranking",
+    "LatentScore": "ranking",
+    "rank_latents": "ranking",
     "ExplanationResults": "results",
     "LatentResult": "results",
     "Site": "types",

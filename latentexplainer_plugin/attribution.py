@@ -41,7 +41,10 @@ class LatentExplainer:
         bias: inductive bias name or object (``disentanglement``, ``combination``, ``conditional``).
         samples: n, the number of answers per latent.
         similarity: ``"embed"`` (sentence embeddings) or ``"bow"`` (the paper's bag of words).
-        threshold: certainty below which the result is "no clear explanation" (default per similarity).
+        threshold: certainty below which the result is "no clear explanation". None: the threshold
+            calibrated for this backend and similarity (``latentexplainer calibrate``; see
+            docs/evaluation.md), else the similarity's default. ``describe()`` says which
+            (``threshold_source``).
         strengths: traversal values (the paper's {-3,-1.5,0,1.5,3} by default).
         clamp: for two-row biases, which latent j to clamp for latent i (mapping or callable).
         context: extra prompt words, e.g. ``{"property": "smiling"}`` for the conditional bias.
@@ -65,6 +68,10 @@ class LatentExplainer:
         self.backend = get_backend(backend, **(backend_options or {}))
         self.adapter: Adapter = get_adapter(generator, adapter, **(adapter_options or {}))
         self.samples, self.threshold, self.seed = samples, threshold, seed
+        from .evaluation.calibration import resolve_threshold  # light: json and paths only
+
+        self.resolved_threshold, self.resolved_threshold_source = resolve_threshold(
+            threshold, self.backend.name, self.similarity.name, self.similarity.default_threshold)
         self.clamp, self.context, self.chunk_size = clamp, dict(context or {}), chunk_size
         missing = [k for k in self.bias.requires if not self.context.get(k)]
         if missing:
@@ -134,12 +141,18 @@ class LatentExplainer:
             return LatentResult(lid, index, "failed", traversal=traversal, error=f"{type(answer).__name__}: {answer}")
         t0 = time.perf_counter()
         try:
-            chosen = select_explanation(answer, self.similarity, self.threshold)
+            chosen = select_explanation(answer, self.similarity, self._threshold()[0])
         except ValueError as exc:  # every sample failed: report it, never score it
             return LatentResult(lid, index, "failed", responses=list(answer), traversal=traversal, error=str(exc))
         return LatentResult(lid, index, "ok", explanation=chosen.explanation, certainty=chosen.certainty,
                             clear=chosen.clear, responses=chosen.responses, traversal=traversal,
                             timing={"select_s": time.perf_counter() - t0})
+
+    def _threshold(self) -> tuple[float, str]:
+        """The threshold in use and where it came from: argument, calibration file or default."""
+        if self.threshold is not None:
+            return float(self.threshold), "argument"
+        return self.resolved_threshold, self.resolved_threshold_source
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -148,7 +161,8 @@ class LatentExplainer:
             "bias": self.bias.name,
             "samples": self.samples,
             "similarity": self.similarity.name,
-            "threshold": self.threshold if self.threshold is not None else self.similarity.default_threshold,
+            "threshold": self._threshold()[0],
+            "threshold_source": self._threshold()[1],
             "strengths": self.strengths.tolist(),
             "seed": self.seed,
         }
@@ -176,7 +190,10 @@ class TraversalSensitivity(Attribution):
         eye = torch.eye(d, dtype=inputs.dtype, device=inputs.device) * delta
         plus = (inputs[:, None, :] + eye[None]).reshape(b * d, d)
         minus = (inputs[:, None, :] - eye[None]).reshape(b * d, d)
-        args = () if additional_forward_args is None else tuple(additional_forward_args)
+        args = () if additional_forward_args is None else (
+            tuple(additional_forward_args) if isinstance(additional_forward_args, tuple) else (additional_forward_args,))
+        # per-item extra arguments (base noises, ...) follow their item into the (B * D) batch
+        args = tuple(a.repeat_interleave(d, dim=0) if torch.is_tensor(a) and a.ndim and a.shape[0] == b else a for a in args)
         with torch.no_grad():
             out_p = self.forward_func(plus, *args)
             out_m = self.forward_func(minus, *args)

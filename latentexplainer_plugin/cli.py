@@ -1,4 +1,4 @@
-"""The ``latentexplainer`` command line: demo, explain, train-vae, train-demo, make-data, plugins.
+"""The ``latentexplainer`` command line: demo, explain, train-vae, train-demo, make-data, evaluate, calibrate, plugins.
 
 Exit codes: 0 every latent has a result; 1 some latents failed; 2 bad input (nothing was run);
 130 interrupted (finished latents are kept; rerun with --resume).
@@ -26,7 +26,7 @@ def _add_explain_options(p: argparse.ArgumentParser, default_out: str | None) ->
     p.add_argument("--out", default=default_out, required=default_out is None, help="run directory to write")
     p.add_argument("--backend", default="offline", help="offline | openai:MODEL | hf:PATH_OR_ID | a plugin's backend")
     p.add_argument("--samples", type=int, default=5, help="answers per latent (n); default 5")
-    p.add_argument("--bias", default="disentanglement", help="inductive bias: disentanglement | combination | conditional | a plugin's")
+    p.add_argument("--bias", default=None, help="inductive bias: disentanglement | combination | conditional | a plugin's (default: the adapter's; vae: disentanglement, ddpm: combination)")
     p.add_argument("--similarity", default="embed", help="certainty measure: embed (sentence embeddings) | bow (bag of words)")
     p.add_argument("--threshold", type=float, default=None, help="certainty threshold in [0,1] (default: per similarity)")
     p.add_argument("--strengths", default=None, help="comma-separated traversal values (default -3,-1.5,0,1.5,3)")
@@ -36,6 +36,22 @@ def _add_explain_options(p: argparse.ArgumentParser, default_out: str | None) ->
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--force", action="store_true", help="overwrite a run with other settings in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    r = p.add_argument_group("rank, then explain (captum); see docs/captum.md")
+    r.add_argument("--rank-by", default=None, metavar="METHOD", help="captum.attr method that ranks the latents by a score: IntegratedGradients, Saliency, FeatureAblation, 'NoiseTunnel(IntegratedGradients)', ...")
+    r.add_argument("--score", default=None, help="score of the generated image to attribute: mean | red | green | blue | contrast | MODULE:FUNC (images (B,C,H,W) -> (B,)); default mean")
+    r.add_argument("--top-k", type=int, default=None, metavar="K", help="explain only the K latents the score depends on most (needs --rank-by)")
+    p.add_argument("--property", default=None, metavar="TEXT", help="the labelled property a conditional direction is tied to (conditional bias), e.g. smiling")
+    p.add_argument("--prompt-from-llm", action="store_true", help="let the selected language-model backend write the prompt from the bias formula")
+    g = p.add_argument_group("language-model backends (openai:MODEL, hf:PATH_OR_ID); see docs/backends.md")
+    g.add_argument("--base-url", default=None, metavar="URL", help="OpenAI-compatible API root (default https://api.openai.com/v1; Ollama: http://localhost:11434/v1)")
+    g.add_argument("--api-key-env", default=None, metavar="NAME", help="environment variable that holds the API key (default OPENAI_API_KEY)")
+    g.add_argument("--concurrency", type=int, default=None, metavar="N", help="most requests in flight at once (openai; default 8)")
+    g.add_argument("--timeout", type=float, default=None, metavar="S", help="seconds per HTTP request (openai; default 60)")
+    g.add_argument("--max-retries", type=int, default=None, metavar="N", help="retries after 429/5xx/timeouts/dropped connections (openai; default 4)")
+    g.add_argument("--dtype", default=None, help="hf model dtype: float32 | float16 | bfloat16 (default float32 on CPU, bfloat16 on CUDA)")
+    g.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="most tokens per answer (openai: max_tokens, default 200; hf: default 120)")
+    g.add_argument("--cache-dir", default=None, metavar="DIR", help="response cache directory (default ~/.cache/latentexplainer/responses, or under $XDG_CACHE_HOME)")
+    g.add_argument("--no-cache", action="store_true", help="neither read nor write the response cache")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default="vae", help="vae | a plugin's adapter")
     p.add_argument("--site", default=None, help="latent site, e.g. decoder.input or mid_block.output (default: per architecture)")
     p.add_argument("--data", default=None, help="npz with images (and factors) to measure KL and captured factors")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept a pickle checkpoint (.pt/.bin) when the model has no safetensors; read with torch.load(weights_only=True)")
+    d = p.add_argument_group("diffusion models (--adapter ddpm); see docs/diffusion.md")
+    d.add_argument("--direction", default="pca", help="h-space direction finder: pca | pullback | conditional (needs --data) | a plugin's | a directions .safetensors file")
+    d.add_argument("--n-directions", type=int, default=None, metavar="K", help="directions to find (default 8; conditional: one per binary factor)")
+    d.add_argument("--steps", type=int, default=50, help="denoising steps per image (default 50)")
+    d.add_argument("--t-edit", type=int, default=None, help="edit h on every step with timestep t >= T (default: half the training timesteps)")
+    d.add_argument("--edit-scale", default="auto", help="h <- h + strength * scale * v; auto: scale = std of <h, v> over 16 samples (default)")
     _add_explain_options(p, None)
 
     p = sub.add_parser("train-vae", help="train a beta-TCVAE on an npz of images")
@@ -71,6 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--n", type=int, default=20000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dataset", default="shapes", choices=("shapes", "shapes2"),
+                   help="shapes: the demo's data; shapes2: other shapes, a tinted gradient background, other ranges")
+
+    p = sub.add_parser("evaluate", help="explain a VAE, then score the explanations against the data's ground-truth factors")
+    p.add_argument("--model", required=True, help="VAE directory (train-vae output)")
+    p.add_argument("--data", required=True, help="npz with images, factors (N,K) and factor_names")
+    p.add_argument("--allow-pickle", action="store_true", help="accept a pickle checkpoint when the model has no safetensors")
+    p.add_argument("--max-images", type=int, default=5000, help="images used for KL, factors and disentanglement metrics (seeded subsample; default 5000)")
+    _add_explain_options(p, None)
+
+    p = sub.add_parser("calibrate", help="learn certainty thresholds from evaluated runs (per backend and similarity)")
+    p.add_argument("--runs", nargs="+", required=True, metavar="DIR", help="run directories holding evaluation.json")
+    p.add_argument("--out", default=None, help="thresholds file (default $XDG_CONFIG_HOME/latentexplainer/thresholds.json)")
 
     sub.add_parser("plugins", help="list registered adapters, backends, biases and direction finders")
     return parser
@@ -95,6 +132,35 @@ def _parse_ints(text: str | None, what: str) -> list[int] | None:
         raise UsageError(f"--{what} must be comma-separated integers, got {text!r}") from None
 
 
+def check_reachable(url: str, timeout: float = 5.0) -> None:
+    """Open and close a TCP connection to the server of ``url`` (no request, no key sent), so an
+    unreachable server fails before any model is loaded. Skipped when a proxy is configured."""
+    import socket
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise UsageError(f"--base-url {url!r} has an invalid port") from None
+    if not host:
+        return
+    proxies = urllib.request.getproxies()
+    if (proxies.get(parts.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(host):
+        return  # the proxy decides what is reachable
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc) or type(exc).__name__)
+        raise UsageError(
+            f"cannot reach {parts.scheme}://{host}:{port} ({reason}): is the server running and is --base-url right? "
+            "(default https://api.openai.com/v1; Ollama: http://localhost:11434/v1)"
+        ) from None
+
+
 def check_device(device: str) -> str:
     import torch
 
@@ -104,6 +170,8 @@ def check_device(device: str) -> str:
         raise UsageError(f"--device {device!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) (cuda:0..)")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"--device {device}: MPS is not available on this machine; use --device cpu")
     if dev.type not in ("cpu", "cuda", "mps"):
@@ -125,6 +193,9 @@ def _validate_explain(args: argparse.Namespace) -> dict[str, Any]:
     try:
         name, _ = parse_backend_spec(args.backend)
         registry("backends").get(name)
+        if args.bias is None:  # an adapter may name its own default bias (ddpm: combination)
+            factory = registry("adapters").get(args.adapter).factory if getattr(args, "adapter", None) else None
+            args.bias = getattr(factory, "default_bias", "disentanglement")
         registry("biases").get(args.bias)
         if getattr(args, "adapter", None):
             registry("adapters").get(args.adapter)
@@ -135,13 +206,90 @@ def _validate_explain(args: argparse.Namespace) -> dict[str, Any]:
     except (UnknownComponentError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     check_device(args.device)
+    try:
+        from .ranking import check_cli_options
+
+        check_cli_options(getattr(args, "rank_by", None), getattr(args, "score", None), getattr(args, "top_k", None))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    # language-model backends: every flag is checked here, before any model load or request
+    from urllib.parse import urlsplit
+
+    from .backends.base import BackendError
+    from .backends.hf import check_vlm_dir, resolve_dtype
+
+    _, backend_arg = parse_backend_spec(args.backend)
+    flags = {"--base-url": args.base_url, "--api-key-env": args.api_key_env, "--concurrency": args.concurrency,
+             "--timeout": args.timeout, "--max-retries": args.max_retries,
+             "--dtype": None if getattr(args, "adapter", None) == "ddpm" else args.dtype,  # ddpm: also the UNet's dtype
+             "--max-new-tokens": args.max_new_tokens}
+    given = [flag for flag, value in flags.items() if value is not None]
+    if args.concurrency is not None and args.concurrency < 1:
+        raise UsageError(f"--concurrency must be >= 1, got {args.concurrency}")
+    if args.timeout is not None and not args.timeout > 0:
+        raise UsageError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    if args.max_retries is not None and args.max_retries < 0:
+        raise UsageError(f"--max-retries must be >= 0, got {args.max_retries}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.base_url is not None:
+        parts = urlsplit(args.base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise UsageError(f"--base-url must be an http:// or https:// URL, got {args.base_url!r}")
+    if args.api_key_env is not None and not args.api_key_env.strip():
+        raise UsageError("--api-key-env must name an environment variable")
+    if args.dtype is not None:
+        try:
+            resolve_dtype(args.dtype)
+        except ValueError as exc:
+            raise UsageError(f"--dtype: {exc}") from None
+    cache = {"cache_dir": args.cache_dir, "no_cache": args.no_cache}
+    only = {"openai": ("--base-url", "--api-key-env", "--concurrency", "--timeout", "--max-retries"), "hf": ("--dtype",)}
+    if name == "openai":
+        if not (backend_arg or "").strip():
+            raise UsageError("--backend openai:MODEL needs a model name, e.g. openai:gpt-4o")
+        env = args.api_key_env or "OPENAI_API_KEY"
+        if not os.environ.get(env, "").strip():
+            raise UsageError(f"No API key: set the {env} environment variable (or choose another variable with --api-key-env NAME)")
+        options = {"base_url": args.base_url, "api_key_env": args.api_key_env, "concurrency": args.concurrency,
+                   "timeout": args.timeout, "max_retries": args.max_retries, "max_tokens": args.max_new_tokens} | cache
+    elif name == "hf":
+        if not (backend_arg or "").strip():
+            raise UsageError("--backend hf:PATH_OR_ID needs a model directory or hub id, e.g. hf:Qwen/Qwen2.5-VL-3B-Instruct")
+        if Path(backend_arg).expanduser().is_dir():
+            try:
+                check_vlm_dir(Path(backend_arg).expanduser())
+            except BackendError as exc:
+                raise UsageError(str(exc)) from None
+        options = {"device": args.device, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens} | cache
+    elif name == "offline":
+        if given:
+            raise UsageError(f"{', '.join(given)}: not used by the offline backend (it calls no model)")
+        if args.prompt_from_llm:
+            raise UsageError("--prompt-from-llm needs a language-model backend (openai:MODEL or hf:PATH_OR_ID)")
+        options = {}
+    else:  # a plugin's backend gets the flags that were given, under their option names
+        options = {f[2:].replace("-", "_"): flags[f] for f in given} | ({"cache_dir": args.cache_dir} if args.cache_dir else {}) \
+            | ({"no_cache": True} if args.no_cache else {})
+    wrong = [f for other, fs in only.items() if name in only and other != name for f in fs if f in given]
+    if wrong:
+        raise UsageError(f"{', '.join(wrong)}: not used by the {name} backend")
+    bias = registry("biases").get(args.bias).factory()
+    if "property" in getattr(bias, "requires", ()) and not args.property:
+        raise UsageError(f"the {args.bias!r} bias needs --property TEXT (the labelled property, e.g. --property smiling)")
     out = Path(args.out)
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(probe, os.W_OK):
         raise UsageError(f"--out {out}: {probe} is not writable")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
-    return {"strengths": strengths, "latents": _parse_ints(args.latents, "latents")}
+    if not probe.is_dir():
+        raise UsageError(f"--out {out}: {probe} is a file, so no directory can be made under it")
+    if name == "openai":  # last: the only check that may wait (for a TCP connect)
+        check_reachable(args.base_url or "https://api.openai.com/v1", timeout=min(args.timeout or 5.0, 10.0))
+    return {"strengths": strengths, "latents": _parse_ints(args.latents, "latents"),
+            "backend_options": {k: v for k, v in options.items() if v is not None},
+            "context": {"property": args.property} if args.property else {}}
 
 
 def _explain(args: argparse.Namespace, model: Any, adapter: str | None, header: dict[str, Any], stats: Any,
@@ -155,17 +303,37 @@ def _explain(args: argparse.Namespace, model: Any, adapter: str | None, header: 
             model, backend=args.backend, bias=args.bias, samples=args.samples, similarity=args.similarity,
             threshold=args.threshold, strengths=checked["strengths"] or DEFAULT_STRENGTHS, seed=args.seed,
             adapter=adapter, adapter_options=adapter_options,
+            backend_options=checked.get("backend_options"), context=checked.get("context"),
         )
         targets = checked["latents"]
         if targets is not None:
             explainer._targets(targets)
+        from .ranking import cli_plan  # --rank-by/--score/--top-k, and the heat maps of the report
+
+        targets, extras, ranked = cli_plan(explainer, args.out, getattr(args, "rank_by", None), getattr(args, "score", None),
+                                           getattr(args, "top_k", None), targets)
+        header = header | ranked
+        if getattr(args, "prompt_from_llm", False):
+            from .biases.from_llm import prompt_from_llm
+
+            explainer.bias = prompt_from_llm(explainer.bias, explainer.backend)
+            print(f"prompt template ({explainer.bias.extra.get('template_source')}): {explainer.bias.template}", file=sys.stderr)
     except (ValueError, IndexError, TypeError) as exc:
         raise UsageError(str(exc)) from None
     started = time.perf_counter()
-    data = explain_to_dir(explainer, args.out, target=targets, stats=stats, header=header,
-                          resume=args.resume, force=args.force, progress=not args.quiet)
+    try:
+        data = explain_to_dir(explainer, args.out, target=targets, stats=stats, header=header,
+                              resume=args.resume, force=args.force, progress=not args.quiet, extras=extras)
+    finally:
+        close = getattr(explainer.backend, "close", None)
+        if callable(close):
+            close()
     text, code = summarize(data)
     print(text)
+    stats_of = getattr(explainer.backend, "stats", None)
+    if callable(stats_of) and stats_of().get("enabled"):
+        cached = stats_of()
+        print(f"response cache: {cached['hits']} samples reused, {cached['misses']} asked")
     print(f"wrote {Path(args.out) / 'results.json'} and report.html in {time.perf_counter() - started:.1f} s")
     return code
 
@@ -181,19 +349,61 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _explain(args, model.to(args.device), "vae", {"model": "latentexplainer demo VAE (shapes, 10 latents)"}, stats, checked)
 
 
+def _explain_ddpm(args: argparse.Namespace, checked: dict[str, Any], data: dict[str, Any] | None) -> int:
+    """--adapter ddpm: load UNet + DDIM scheduler, find (or on --resume reload) h-space directions, save them, explain."""
+    from .adapters.diffusion import DDPMAdapter, find_directions, resolve_direction_spec
+    from .directions import Directions
+    from .plugins import registry
+
+    if args.n_directions is not None and args.n_directions < 1:
+        raise UsageError(f"--n-directions must be >= 1, got {args.n_directions}")
+    if args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    rows = registry("biases").get(args.bias).factory().rows
+    if rows > DDPMAdapter.max_rows:
+        raise UsageError(f"the {args.bias!r} bias compares {rows} rows with another latent clamped; h-space directions have no "
+                         "other latent to clamp: use --bias combination (the ddpm default) or conditional")
+    try:
+        resolve_direction_spec(args.direction)
+        try:
+            scale = args.edit_scale if args.edit_scale == "auto" else float(args.edit_scale)
+        except ValueError:
+            raise ValueError(f"--edit-scale must be auto or a positive number, got {args.edit_scale!r}") from None
+        adapter = DDPMAdapter.from_pretrained(args.model, device=args.device, dtype=args.dtype or "float32", steps=args.steps,
+                                              t_edit=args.t_edit, site=args.site, scale=scale)
+        saved = Path(args.out) / "directions.safetensors"
+        if args.resume and saved.is_file():
+            directions = Directions.load(saved)
+            adapter.set_directions(directions)
+        else:
+            directions = find_directions(adapter, args.direction, args.n_directions, seed=args.seed, data=data)
+            if args.force or not (Path(args.out) / "results.json").exists():  # never clobber another run's file
+                directions.save(saved)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from None
+    header = {"model": str(args.model), "data": str(args.data) if args.data else None,
+              "directions": {"file": "directions.safetensors", "finder": directions.provenance.get("finder"), "count": len(directions)}}
+    return _explain(args, adapter, "ddpm", header, None, checked)
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     checked = _validate_explain(args)
     from .data import load_npz
     from .run import latent_stats
 
     data = load_npz(args.data) if args.data else None
+    if args.adapter == "ddpm":
+        return _explain_ddpm(args, checked, data)
     from .adapters.vae import load_vae
 
     model_path = Path(args.model)
     if args.adapter == "vae":
         if not model_path.exists():
             raise UsageError(f"--model {args.model}: no such directory (a VAE directory holds config.json and model.safetensors)")
-        model = load_vae(model_path, device=args.device)
+        try:
+            model = load_vae(model_path, device=args.device, allow_pickle=args.allow_pickle)
+        except (ValueError, TypeError) as exc:  # LoadError, or a config that does not fit the weights
+            raise UsageError(f"--model {args.model}: {exc}") from None
         stats = None
         if data is not None and hasattr(model, "encode"):
             stats = latent_stats(model, data["images"], data.get("factors"), data.get("factor_names"))
@@ -201,7 +411,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         model = args.model
         stats = None
     options = {"site": args.site} if args.site else {}
-    return _explain(args, model, args.adapter, {"model": str(args.model)}, stats, checked, options)
+    header = {"model": str(args.model), "data": str(args.data) if args.data else None}
+    return _explain(args, model, args.adapter, header, stats, checked, options)
 
 
 def cmd_train_vae(args: argparse.Namespace) -> int:
@@ -240,13 +451,28 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
 def cmd_make_data(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .demo.shapes import make_dataset
+    if args.dataset == "shapes2":
+        from .demo.shapes2 import make_dataset
+    else:
+        from .demo.shapes import make_dataset
 
     if args.n < 1:
         raise UsageError(f"--n must be >= 1, got {args.n}")
     np.savez_compressed(args.out, **make_dataset(args.n, seed=args.seed))
     print(f"wrote {args.out} ({args.n} images)")
     return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation.harness import cli_evaluate
+
+    return cli_evaluate(args, cmd_explain, build_parser)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .evaluation.harness import cli_calibrate
+
+    return cli_calibrate(args)
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -264,7 +490,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "explain": cmd_explain, "train-vae": cmd_train_vae, "train-demo": cmd_train_demo,
-            "make-data": cmd_make_data, "plugins": cmd_plugins}
+            "make-data": cmd_make_data, "plugins": cmd_plugins, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,12 +15,15 @@ def load_npz(path: str | Path, need_factors: bool = False) -> dict[str, Any]:
     """Load and check an npz: ``images`` (N,H,W,C) uint8, C in {1,3}; ``factors`` (N,K); ``factor_names`` (K,)."""
     path = Path(path)
     if not path.is_file():
-        raise LoadError(f"data file {path} does not exist")
+        raise LoadError(f"data file {path} does not exist" if not path.exists() else f"data file {path} is not a file")
+    if not zipfile.is_zipfile(path):
+        raise LoadError(f"{path} is not an .npz archive (write one with numpy.savez(path, images=...))")
     try:
         with np.load(path, allow_pickle=False) as f:
             data = {k: f[k] for k in f.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise LoadError(f"{path} is not a readable .npz file (pickled object arrays are refused): {exc}") from exc
+        reason = "it holds object arrays, which need pickle and are refused" if "allow_pickle" in str(exc) else str(exc)
+        raise LoadError(f"{path} is not a readable .npz file: {reason}") from exc
     if "images" not in data:
         raise LoadError(f"{path} has no 'images' array (found: {', '.join(data) or 'nothing'}); expected images (N,H,W,3) uint8")
     images = data["images"]
@@ -40,3 +43,16 @@ def load_npz(path: str | Path, need_factors: bool = False) -> dict[str, Any]:
     elif need_factors:
         raise LoadError(f"{path} has no 'factors' array; evaluation needs ground-truth factors (N,K) and factor_names")
     return out
+
+
+def check_images_fit(images: np.ndarray, image_size: int | None, channels: int | None, what: str = "the data") -> None:
+    """Refuse images (N,H,W,C) that a model made for ``image_size`` x ``image_size`` x ``channels`` cannot take."""
+    if image_size is None and channels is None:
+        return
+    _, h, w, c = images.shape
+    if (image_size is not None and (h, w) != (image_size, image_size)) or (channels is not None and c != channels):
+        want = f"{image_size}x{image_size}" if image_size is not None else f"{h}x{w}"
+        raise LoadError(
+            f"{what} holds {h}x{w} images with {c} channel(s), but the model takes {want} images with "
+            f"{channels if channels is not None else c} channel(s); use data like the model's training data"
+        )

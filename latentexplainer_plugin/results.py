@@ -44,6 +44,22 @@ class LatentResult:
             "timing": {k: round(v, 4) for k, v in self.timing.items()},
         } | self.extras
 
+    # what a ranking (``RankThenExplain``, ``rank_latents``) recorded for this latent, else None
+    @property
+    def attribution(self) -> float | None:
+        """Mean |attribution| of the ranking score to this latent."""
+        return self.extras.get("attribution")
+
+    @property
+    def rank(self) -> int | None:
+        """1 for the latent the score depends on most."""
+        return self.extras.get("rank")
+
+    @property
+    def delta(self) -> float | None:
+        """Mean |convergence delta| of the attribution method (None when it has none)."""
+        return self.extras.get("delta")
+
 
 @dataclass
 class ExplanationResults:
@@ -51,6 +67,7 @@ class ExplanationResults:
 
     results: list[LatentResult]
     info: dict[str, Any] = field(default_factory=dict)
+    ranking: Any = None  # RankedLatents of every latent when the results come from RankThenExplain
 
     def __iter__(self) -> Iterator[LatentResult]:
         return iter(self.results)
@@ -66,19 +83,40 @@ class ExplanationResults:
         return [r for r in self.results if r.status == "failed"]
 
     def _repr_html_(self) -> str:
-        rows = "".join(
-            f"<tr><td>{html.escape(r.id)}</td><td>{html.escape(r.status)}</td>"
-            f"<td>{'' if r.certainty is None else f'{r.certainty:.2f}'}</td>"
-            f"<td>{html.escape(r.explanation) if r.clear and r.explanation else '<i>no clear explanation</i>'}</td></tr>"
-            for r in self.results
-        )
-        return ("<table><thead><tr><th>latent</th><th>status</th><th>certainty</th><th>explanation</th></tr></thead>"
-                f"<tbody>{rows}</tbody></table>")
+        """A compact table for notebooks; every model- or backend-provided text is escaped."""
+        ranked = any(r.rank is not None for r in self.results)
+        head = "<th>rank</th><th>latent</th><th>attribution</th>" if ranked else "<th>latent</th>"
+        rows = []
+        for r in self.results:
+            if r.status == "failed":
+                text, style = f"failed: {html.escape(str(r.error))}", "color:#b33"
+            elif r.clear and r.explanation:
+                text, style = html.escape(r.explanation), ""
+            else:
+                text, style = "no clear explanation", "color:#8a5a00;font-style:italic"
+            cert = "" if r.certainty is None else (
+                f"<span style='display:inline-block;width:60px;height:8px;background:#eee;vertical-align:middle'>"
+                f"<span style='display:block;height:8px;width:{60 * max(0.0, min(1.0, r.certainty)):.0f}px;"
+                f"background:{'#2a7' if r.clear else '#d90'}'></span></span> {r.certainty:.2f}")
+            lead = (f"<td>{'' if r.rank is None else int(r.rank)}</td><td>{html.escape(r.id)}</td>"
+                    f"<td>{'' if not isinstance(r.attribution, (int, float)) else f'{r.attribution:.3g}'}</td>") if ranked else (
+                f"<td>{html.escape(r.id)}</td>")
+            rows.append(f"<tr>{lead}<td>{cert}</td><td style='text-align:left;{style}'>{text}</td></tr>")
+        return (f"<table><thead><tr>{head}<th>certainty</th><th>explanation</th></tr></thead>"
+                f"<tbody>{''.join(rows)}</tbody></table>")
+
+    def plot(self, ax: Any = None) -> Any:
+        """Certainty per latent (and attribution when ranked) as a matplotlib Figure (no pyplot)."""
+        from .report.figures import results_figure
+
+        return results_figure(self, ax=ax)
 
     def __repr__(self) -> str:
         lines = [f"ExplanationResults({len(self.results)} latents)"]
         for r in self.results:
             text = r.explanation if r.clear else ("no clear explanation" if r.status == "ok" else f"{r.status}: {r.error}")
             cert = "" if r.certainty is None else f" [{r.certainty:.2f}]"
-            lines.append(f"  {r.id}{cert}: {text}")
+            rank = "" if r.rank is None else f"#{r.rank} "
+            attr = f" (attribution {r.attribution:.3g})" if isinstance(r.attribution, (int, float)) else ""
+            lines.append(f"  {rank}{r.id}{cert}: {text}{attr}")
         return "\n".join(lines)

@@ -11,7 +11,7 @@ import numpy as np
 
 from .attribution import LatentExplainer, most_active_other
 from .report.html import write_report
-from .store import RunStore
+from .store import RunStore, RunStoreError
 
 KL_ACTIVE = 0.05  # nats: below this a latent is treated as collapsed
 
@@ -34,8 +34,11 @@ class LatentStats:
 def latent_stats(model: Any, images: np.ndarray, factors: np.ndarray | None = None,
                  factor_names: Sequence[str] | None = None) -> LatentStats:
     """KL per latent (and captured factors when ``factors`` are given) of a VAE with ``encode``."""
+    from .data import check_images_fit
     from .demo.train import encode_means, latent_kl
 
+    config = getattr(model, "config", None)
+    check_images_fit(images, getattr(config, "image_size", None), getattr(config, "channels", None))
     kl = latent_kl(model, images)
     matches = None
     if factors is not None:
@@ -50,28 +53,63 @@ def latent_stats(model: Any, images: np.ndarray, factors: np.ndarray | None = No
     return LatentStats(kl, matches)
 
 
+def _runs_latents_concurrently(backend: Any) -> bool:
+    """True for backends that explain a round's latents in parallel (network backends)."""
+    from .backends.base import Backend
+
+    for _ in range(5):  # wrappers (the response cache) keep the real backend in .backend
+        inner = getattr(backend, "backend", None)
+        if not isinstance(inner, Backend):
+            break
+        backend = inner
+    return type(backend).explain_many is not Backend.explain_many and getattr(backend, "concurrency", 2) > 1
+
+
 def explain_to_dir(explainer: LatentExplainer, out_dir: str | Path, *, target: Any = None, stats: LatentStats | None = None,
                    header: dict[str, Any] | None = None, resume: bool = False, force: bool = False,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True, chunk_size: int | None = None, extras: Any = None) -> dict[str, Any]:
     """Run ``explainer`` over ``target`` latents, writing each result as soon as it is done.
 
-    Returns the final results.json content. Latents already finished (``resume``) are skipped.
+    Returns the final results.json content. Latents already finished (``resume``) are skipped:
+    neither traversed nor sent to the backend again. ``header["model"]`` and ``header["data"]``
+    (when given) are part of the run's settings, so a resume with another model is refused.
+
+    ``chunk_size``: latents per round (a round is decoded in one batch, then explained, then each
+    of its latents is written). None: 1 for backends that explain one latent after another (the
+    offline one): every latent is on disk the moment it is done. For backends that explain a
+    round's latents concurrently (OpenAI-compatible), the explainer's own ``chunk_size``: an
+    interruption then loses at most the latents of the round in flight.
     """
     from tqdm.auto import tqdm
 
     info = explainer.describe()
-    settings = {k: info[k] for k in ("bias", "samples", "similarity", "threshold", "strengths", "seed")} | {
-        "adapter": info["adapter"], "backend": info["backend"]}
     header = {"model": None} | (header or {}) | {"adapter": info["adapter"], "backend": info["backend"], "bias": info["bias"]}
+    settings = {k: info[k] for k in ("bias", "samples", "similarity", "threshold", "strengths", "seed")} | {
+        "threshold_source": info.get("threshold_source")} | {
+        "adapter": info["adapter"], "backend": info["backend"], "model": header.get("model")}
+    if header.get("data") is not None:
+        settings["data"] = header["data"]
+    if chunk_size is None:
+        chunk_size = explainer.chunk_size if _runs_latents_concurrently(explainer.backend) else 1
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    targets = explainer._targets(target)  # bad targets fail before the run directory is touched
     store = RunStore(out_dir, header, settings, resume=resume, force=force)
     started = time.perf_counter()
+    saved_chunk = explainer.chunk_size
+    explainer.chunk_size = chunk_size
     try:
-        targets = explainer._targets(target)
         done = {e["index"] for e in store.entries.values()}
         bar = tqdm(total=len(targets), initial=len(done & set(targets)), desc="explain", disable=not progress, unit="latent")
 
         def on_result(result) -> None:
-            store.add(result, stats.extras(result.index) if stats is not None else None)
+            extra = stats.extras(result.index) if stats is not None else {}
+            if extras is not None:  # extras(result) -> dict: a ranking's attribution/rank, a heat map
+                try:
+                    extra = extra | extras(result)
+                except OSError as exc:  # e.g. disk full while writing a heat map
+                    raise store.write_error(Path(out_dir) / "heatmaps", exc) from exc
+            store.add(result, extra or None)
             bar.update(1)
 
         if stats is not None and explainer.bias.rows > 1 and explainer.clamp is None:
@@ -81,12 +119,23 @@ def explain_to_dir(explainer: LatentExplainer, out_dir: str | Path, *, target: A
         store.header["elapsed_s"] = round(time.perf_counter() - started, 3)
         data = store.finish("complete")
     except KeyboardInterrupt:
-        store.finish("interrupted")
+        try:
+            store.finish("interrupted")
+        except Exception:  # e.g. disk full: the last good results.json stays; the interrupt wins
+            store.release()
         raise
     except BaseException:
         store.release()
         raise
-    write_report(out_dir, data)
+    finally:
+        explainer.chunk_size = saved_chunk
+    try:
+        write_report(out_dir, data)
+    except OSError as exc:
+        raise RunStoreError(
+            f"results.json is complete, but report.html could not be written ({exc.strerror or exc}); "
+            "free some space and rerun with --resume to write it"
+        ) from exc
     return data
 
 

@@ -41,13 +41,47 @@ def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise LoadError(f"{path} is not a valid safetensors file ({exc}); re-save it with safetensors.torch.save_file") from exc
 
 
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+
+
+def _head(path: Path, n: int = 16) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
+
+
+def looks_like_safetensors(path: str | Path) -> bool:
+    """True when the file starts like safetensors: an 8-byte header length, then a JSON object."""
+    path = Path(path)
+    head = _head(path, 9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    size = int.from_bytes(head[:8], "little")
+    try:
+        return 0 < size <= path.stat().st_size - 8
+    except OSError:
+        return False
+
+
+def looks_like_pickle(path: str | Path) -> bool:
+    """True for ``torch.save`` files (a zip archive) and raw pickles (protocol 2+)."""
+    head = _head(Path(path), 4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
 def load_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Load a state dict from safetensors, or from a torch checkpoint only with ``allow_pickle``.
 
-    Even then ``torch.load(weights_only=True)`` is used: tensors and plain containers only.
+    The format is told by the file's content, not its name. Even with ``allow_pickle``,
+    ``torch.load(weights_only=True)`` is used: tensors and plain containers only, never arbitrary
+    objects (a pickle that would construct one is refused, its code never runs).
     """
     path = Path(path)
-    if path.suffix == ".safetensors":
+    if not path.is_file():
+        raise LoadError(f"weights file {path} does not exist")
+    if looks_like_safetensors(path) or (path.suffix == ".safetensors" and not looks_like_pickle(path)):
         return load_safetensors(path)
     if not allow_pickle:
         raise LoadError(
@@ -58,7 +92,37 @@ def load_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, torc
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError...
-        raise LoadError(f"{path} could not be loaded with torch.load(weights_only=True): {exc}") from exc
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise LoadError(f"{path} does not hold a flat state dict of tensors")
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LoadError(
+            f"{path} could not be loaded with torch.load(weights_only=True), which only reads tensors and "
+            f"plain containers: {first}"
+        ) from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # the common {"state_dict": ...} checkpoint layout
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise LoadError(f"{path} does not hold a flat state dict of tensors (name -> tensor)")
     return state
+
+
+def find_weights(directory: str | Path, name: str = "model.safetensors", allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict of a model directory: ``name`` (safetensors), else a pickle checkpoint in it.
+
+    A pickle checkpoint (``model.pt``, ``pytorch_model.bin``, ...) is refused unless
+    ``allow_pickle``; see :func:`load_weights`.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise LoadError(f"model directory {directory} does not exist")
+    preferred = directory / name
+    if preferred.is_file():
+        return load_weights(preferred, allow_pickle=allow_pickle)
+    pickles = sorted(p for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    if pickles:
+        if not allow_pickle:
+            raise LoadError(
+                f"{directory} has no {name}, only the pickle-based checkpoint {pickles[0].name}; pickles can run "
+                "arbitrary code when loaded, so they are refused by default. Convert it to .safetensors, or pass "
+                "--allow-pickle to load it with torch.load(weights_only=True)."
+            )
+        return load_weights(pickles[0], allow_pickle=True)
+    raise LoadError(f"{directory} has no {name}; a model directory needs config.json and {name}")

@@ -54,7 +54,7 @@ def test_explain_writes_results_strips_and_report(tiny_model, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--backend", "gpt5"], "unknown backend 'gpt5'; registered: offline"),
+        (["--backend", "gpt5"], "unknown backend 'gpt5'; registered: hf, offline, openai"),
         (["--bias", "entangled"], "unknown bias 'entangled'; registered: combination, conditional, disentanglement"),
         (["--samples", "0"], "--samples must be >= 1, got 0"),
         (["--latents", "7"], "latent index 7 is out of range: this model has 3 latents (0..2)"),

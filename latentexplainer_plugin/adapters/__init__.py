@@ -1,6 +1,7 @@
 """Adapters: a model family's recipe from (site, latent or direction, strengths) to images."""
 
 from .base import DEFAULT_STRENGTHS, Adapter, check_strengths
+from .diffusion import DDPMAdapter, load_ddpm
 from .vae import VAEAdapter, load_vae
 
-__all__ = ["DEFAULT_STRENGTHS", "Adapter", "VAEAdapter", "check_strengths", "load_vae"]
+__all__ = ["DEFAULT_STRENGTHS", "Adapter", "DDPMAdapter", "VAEAdapter", "check_strengths", "load_ddpm", "load_vae"]

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..hooks import check_finite, probe_shape, resolve_module, run_with_edit
+from ..hooks import SiteError, check_finite, probe_shape, resolve_module, run_with_edit
 from ..plugins import hook
 from ..types import Edit, Site, Traversal
 from .base import Adapter, check_strengths
@@ -39,8 +39,11 @@ class _DecodeDriver(nn.Module):
         return getattr(out, "sample", out)  # diffusers' DecoderOutput
 
 
-def load_vae(path: str | Path, device: str = "cpu") -> nn.Module:
-    """Load a VAE saved by ``train-vae`` (config.json + model.safetensors), or a diffusers AutoencoderKL."""
+def load_vae(path: str | Path, device: str = "cpu", allow_pickle: bool = False) -> nn.Module:
+    """Load a VAE saved by ``train-vae`` (config.json + model.safetensors), or a diffusers AutoencoderKL.
+
+    ``allow_pickle``: accept a pickle checkpoint instead of safetensors (read with weights_only=True).
+    """
     from ..safe_load import LoadError, read_config
 
     path = Path(path)
@@ -53,7 +56,7 @@ def load_vae(path: str | Path, device: str = "cpu") -> nn.Module:
         return AutoencoderKL.from_pretrained(str(path), use_safetensors=True).to(device).eval()
     from ..demo.model import ConvVAE
 
-    return ConvVAE.from_pretrained(path, device=device)
+    return ConvVAE.from_pretrained(path, device=device, allow_pickle=allow_pickle)
 
 
 class VAEAdapter(Adapter):
@@ -74,7 +77,10 @@ class VAEAdapter(Adapter):
         if isinstance(site, str):
             site = Site.parse(site)
         self.site = site or hook().latentexplainer_default_site(model=model) or Site("decoder", "input")
-        resolve_module(self.driver, self.site.path)
+        try:
+            resolve_module(self.driver, self.site.path)
+        except SiteError as exc:  # name the user's model, not the internal decode wrapper
+            raise SiteError(str(exc).replace(type(self.driver).__name__, type(model).__name__, 1)) from None
         self.latent_dim = int(latent_dim or getattr(model, "latent_dim", 0) or getattr(getattr(model, "config", None), "latent_dim", 0))
         if self.latent_dim < 1:
             raise ValueError(f"cannot tell the latent size of {type(model).__name__}: pass latent_dim=")

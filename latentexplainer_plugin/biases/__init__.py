@@ -2,5 +2,7 @@
 
 from .base import InductiveBias, build_prompt
 from .builtin import BUILTIN_BIASES, COMBINATION, CONDITIONAL, DISENTANGLEMENT
+from .from_llm import prompt_from_llm
 
-__all__ = ["BUILTIN_BIASES", "COMBINATION", "CONDITIONAL", "DISENTANGLEMENT", "InductiveBias", "build_prompt"]
+__all__ = ["BUILTIN_BIASES", "COMBINATION", "CONDITIONAL", "DISENTANGLEMENT", "InductiveBias", "build_prompt",
+           "prompt_from_llm"]

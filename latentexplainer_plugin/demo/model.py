@@ -117,8 +117,9 @@ class ConvVAE(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "ConvVAE":
-        from ..safe_load import load_safetensors, read_config
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu", allow_pickle: bool = False) -> "ConvVAE":
+        """Load config.json + model.safetensors (a pickle checkpoint only with ``allow_pickle``)."""
+        from ..safe_load import find_weights, read_config
 
         directory = Path(directory)
         raw = read_config(directory / CONFIG_NAME)
@@ -126,8 +127,14 @@ class ConvVAE(nn.Module):
         if raw.get("model_type", "conv-vae") != "conv-vae":
             raise ValueError(f"{directory} holds a {raw.get('model_type')!r} model, not a conv-vae")
         model = cls(ConvVAEConfig(**{k: v for k, v in raw.items() if k in known}))
-        state = load_safetensors(directory / WEIGHTS_NAME)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        state = find_weights(directory, WEIGHTS_NAME, allow_pickle=allow_pickle)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # tensor shapes that do not fit the config
+            from ..safe_load import LoadError
+
+            detail = "; ".join(line.strip().rstrip(".") for line in str(exc).splitlines()[1:3])
+            raise LoadError(f"the weights in {directory} do not match its config.json: {detail}") from None
         if missing or unexpected:
             raise ValueError(
                 f"{directory / WEIGHTS_NAME} does not match the config: missing {sorted(missing)[:5]}, "

@@ -1,0 +1,534 @@
+"""DDPM/DDIM adapter: h-space traversals of an unconditional diffusion UNet, through nnsight.
+
+1. Bases are initial noises x_T ~ N(0, I), shape (n, C, H, W), drawn from a seed, or obtained from
+   the user's own images by deterministic DDIM inversion (:meth:`DDPMAdapter.invert`).
+2. :class:`SamplingLoop` is a small ``nn.Module`` whose ``forward(x_T)`` runs the whole sampling
+   loop, so one nnsight trace with ``calls=steps`` covers every denoising step. The UNet's children
+   are registered on it, so site paths are the UNet's own: ``mid_block`` (h-space), not
+   ``unet.mid_block``.
+3. The h-space edit (Kwon et al. 2023, "Diffusion models already have a semantic latent space"):
+   h_t <- h_t + alpha * s_k * v_k at ``mid_block.output`` on every step whose timestep t >= t_edit
+   (from T down to t_edit), with v_k a unit direction and s_k its scale (by default the standard
+   deviation of <h, v_k> over a calibration set, so alpha counts standard deviations).
+4. The batch is (direction, base, strength): every strength of every base is sampled in the same
+   run (one trace), never in a Python loop over strengths.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..hooks import capture, check_finite, probe_shape, resolve_module, run_with_edit
+from ..plugins import hook
+from ..safe_load import LoadError
+from ..types import Edit, Site, Traversal
+from .base import Adapter, check_strengths
+
+CALIBRATION_SEED = 1_000_003  # seed of the noises that calibrate the edit scale (independent of the bases)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"float16"`` -> torch.float16; torch dtypes pass through; None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class SamplingLoop(nn.Module):
+    """``forward(x_T)`` runs ``steps`` denoising steps of ``unet`` with ``scheduler`` and returns x_0.
+
+    The UNet's children are registered on this module (the UNet itself is not a child), so a site
+    is named by the UNet's own module path, e.g. ``mid_block``. The k-th call of a UNet module
+    during ``forward`` belongs to the k-th timestep of ``timesteps``.
+    """
+
+    def __init__(self, unet: nn.Module, scheduler: Any, steps: int):
+        super().__init__()
+        for name, child in unet.named_children():
+            self.add_module(name, child)
+        self._unet = (unet,)  # a tuple keeps it out of the module tree
+        self.scheduler = scheduler
+        self.steps = steps
+        params = inspect.signature(scheduler.step).parameters
+        self._step_takes_generator = "generator" in params
+
+    @property
+    def unet(self) -> nn.Module:
+        return self._unet[0]
+
+    def timesteps(self) -> list[int]:
+        """The sampling timesteps, first (largest) to last; one UNet call each."""
+        self.scheduler.set_timesteps(self.steps)
+        return [int(t) for t in self.scheduler.timesteps]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sch = self.scheduler
+        sch.set_timesteps(self.steps, device=x.device)  # also resets multistep schedulers' state
+        x = x * sch.init_noise_sigma
+        extra = {"generator": torch.Generator(x.device).manual_seed(0)} if self._step_takes_generator else {}
+        for t in sch.timesteps:
+            # 1. epsilon_theta(x_t, t); 2. x_{t-1} from the scheduler's update (DDIM: Song et al. eq. 12)
+            out = self.unet(sch.scale_model_input(x, t), t, return_dict=False)[0]
+            x = sch.step(out, t, x, return_dict=False, **extra)[0]
+        return x
+
+
+def _is_local(path: str | Path) -> bool:
+    p = Path(path)
+    return p.exists() or str(path).startswith((".", "/", "~")) or p.is_absolute()
+
+
+def load_ddpm(path_or_id: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None):
+    """``(unet, scheduler)`` from a pipeline directory or hub id (``unet/`` + ``scheduler/``) or a bare UNet.
+
+    The scheduler is always a :class:`diffusers.DDIMScheduler` built from the saved scheduler
+    config (a DDPM config works too); without one, DDIM's default config is used.
+    """
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    dtype = parse_dtype(dtype) or torch.float32
+    source = str(path_or_id)
+    if _is_local(source):
+        root = Path(source).expanduser()
+        if not root.is_dir():
+            raise LoadError(f"model path {root} does not exist (a DDPM model is a pipeline directory with unet/ and scheduler/, or a UNet directory)")
+        if (root / "unet" / "config.json").is_file():
+            unet_sub = "unet"
+        elif (root / "config.json").is_file():
+            unet_sub = None
+        else:
+            raise LoadError(f"{root} holds neither unet/config.json (pipeline layout) nor config.json (a UNet directory)")
+        _check_unet_class(root / (unet_sub or "") / "config.json")
+        sched_sub = "scheduler" if (root / "scheduler" / "scheduler_config.json").is_file() else (
+            "" if (root / "scheduler_config.json").is_file() else False)
+    else:
+        root, unet_sub, sched_sub = source, "unet", "scheduler"
+    try:
+        unet = _from_pretrained(UNet2DModel, str(root), unet_sub, torch_dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise LoadError(f"could not load a UNet2DModel from {source}: {exc}") from exc
+    if sched_sub is False:
+        scheduler = DDIMScheduler(num_train_timesteps=1000)
+    else:
+        try:
+            scheduler = _from_pretrained(DDIMScheduler, str(root), sched_sub)
+        except (OSError, ValueError):
+            scheduler = DDIMScheduler(num_train_timesteps=1000)
+    return unet.to(device).eval(), scheduler
+
+
+def _from_pretrained(cls: Any, root: str, subfolder: str | None, **kwargs: Any) -> Any:
+    """``cls.from_pretrained`` with ``subfolder``; for hub ids, fall back to the repository root."""
+    try:
+        return cls.from_pretrained(root, subfolder=subfolder or None, **kwargs)
+    except (OSError, ValueError):
+        if not subfolder or _is_local(root):
+            raise
+        return cls.from_pretrained(root, **kwargs)
+
+
+def _check_unet_class(config_path: Path) -> None:
+    from ..safe_load import read_config
+
+    kind = read_config(config_path).get("_class_name")
+    if kind not in (None, "UNet2DModel"):
+        hint = " (a text-conditioned Stable Diffusion UNet)" if kind == "UNet2DConditionModel" else ""
+        raise LoadError(f"{config_path} describes a {kind}{hint}; the ddpm adapter needs an unconditional UNet2DModel")
+
+
+class DDPMAdapter(Adapter):
+    """Explain directions in the h-space of an unconditional diffusion UNet (``UNet2DModel``).
+
+    Args:
+        model: a ``UNet2DModel``, a pipeline with ``.unet`` and ``.scheduler``, or a path / hub id.
+        scheduler: any diffusers scheduler with ``set_timesteps``/``step`` (default: DDIM, eta=0).
+        directions: a :class:`~latentexplainer_plugin.directions.Directions` (K, *h_shape) or tensor.
+        steps: denoising steps per sample.
+        t_edit: edit every step whose timestep t >= t_edit (default: half the training timesteps).
+        site: where h lives (default: the architecture's default site, ``mid_block.output``).
+        scale: ``"auto"`` (alpha in standard deviations of <h, v> over ``calibration_samples``
+            samples in the edit window) or a number (h <- h + alpha * scale * v).
+        max_batch: images sampled together in one trace.
+    """
+
+    name = "ddpm"
+    default_bias = "combination"  # one row per base: there is no other latent to clamp in h-space
+    max_rows = 1
+
+    def __init__(self, model: Any, scheduler: Any = None, *, directions: Any = None, steps: int = 50,
+                 t_edit: int | None = None, site: Site | str | None = None, scale: float | str = "auto",
+                 max_batch: int = 64, calibration_samples: int = 16, device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = None, model_id: str | None = None):
+        if isinstance(model, (str, Path)):
+            model_id = model_id or str(model)
+            model, loaded = load_ddpm(model, device=device or "cpu", dtype=dtype)
+            scheduler = scheduler or loaded
+        elif hasattr(model, "unet") and hasattr(model, "scheduler") and not isinstance(model, nn.Module):
+            scheduler = scheduler or model.scheduler  # a diffusers pipeline object
+            model = model.unet
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"DDPMAdapter needs a diffusers UNet2DModel (or a path to one), got {type(model).__name__}")
+        if scheduler is None:
+            from diffusers import DDIMScheduler
+
+            scheduler = DDIMScheduler(num_train_timesteps=int(getattr(getattr(model, "config", None), "num_train_timesteps", None) or 1000))
+        for needed in ("set_timesteps", "step"):
+            if not callable(getattr(scheduler, needed, None)):
+                raise TypeError(f"scheduler {type(scheduler).__name__} has no {needed}(); pass a diffusers scheduler")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if calibration_samples < 2:
+            raise ValueError(f"calibration_samples must be >= 2 (a standard deviation needs two samples), got {calibration_samples}")
+        self.dtype = parse_dtype(dtype)
+        if device is not None or self.dtype is not None:
+            model = model.to(device=device, dtype=self.dtype)
+        self.unet = model.eval()
+        self.device = next(self.unet.parameters()).device
+        self.dtype = next(self.unet.parameters()).dtype
+        self.scheduler = scheduler
+        self.driver = SamplingLoop(self.unet, scheduler, steps).eval()
+        if isinstance(site, str):
+            site = Site.parse(site)
+        self.site = site or hook().latentexplainer_default_site(model=self.unet) or Site("mid_block", "output")
+        resolve_module(self.driver, self.site.path)
+        self.model_id = model_id or type(self.unet).__name__
+        self.max_batch = max_batch
+        self.calibration_samples = calibration_samples
+        if not (scale == "auto" or (isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0)):
+            raise ValueError(f"scale must be 'auto' or a positive number, got {scale!r}")
+        self.scale = scale
+        self.timesteps = self.driver.timesteps()
+        if any(a < b for a, b in zip(self.timesteps, self.timesteps[1:])):
+            raise ValueError(f"{type(scheduler).__name__} gives timesteps that do not decrease: {self.timesteps}")
+        self.n_calls = len(self.timesteps)
+        n_train = int(getattr(getattr(scheduler, "config", None), "num_train_timesteps", 1000))
+        self.t_edit = n_train // 2 if t_edit is None else int(t_edit)
+        if not 0 <= self.t_edit < n_train:
+            raise ValueError(f"t_edit must be a timestep in 0..{n_train - 1}, got {t_edit}")
+        window = sum(t >= self.t_edit for t in self.timesteps)
+        if window == 0:
+            raise ValueError(
+                f"t_edit={self.t_edit} is above every sampling timestep (the first is {self.timesteps[0]}): "
+                f"no step would be edited; use t_edit <= {self.timesteps[0]}"
+            )
+        self.edit_calls = slice(0, window)
+        self._h_shapes: dict[tuple[int, ...], tuple[int, ...]] = {}
+        self.directions: torch.Tensor | None = None
+        self.provenance: dict[str, Any] = {}
+        self._scales: torch.Tensor | None = None
+        if directions is not None:
+            self.set_directions(directions)
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = "float32",
+                        steps: int = 50, t_edit: int | None = None, **options: Any) -> "DDPMAdapter":
+        """Load ``UNet2DModel`` + ``DDIMScheduler`` (pipeline layout, hub id or bare UNet directory)."""
+        unet, scheduler = load_ddpm(path_or_id, device=device, dtype=dtype)
+        return cls(unet, scheduler, steps=steps, t_edit=t_edit, model_id=str(path_or_id), **options)
+
+    # -- shapes, bases, directions -------------------------------------------------------------
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        config = getattr(self.unet, "config", None)
+        size = getattr(config, "sample_size", None)
+        channels = getattr(config, "in_channels", None)
+        if size is None or channels is None:
+            raise ValueError(f"cannot tell the image size of {type(self.unet).__name__}: pass bases explicitly")
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return int(channels), int(h), int(w)
+
+    def h_shape(self, image_shape: tuple[int, ...] | None = None) -> tuple[int, ...]:
+        """Per-item shape of the activation at the site for images of ``image_shape`` (probed once)."""
+        image_shape = tuple(image_shape or self.image_shape)
+        if image_shape not in self._h_shapes:
+            x = torch.zeros(1, *image_shape, device=self.device, dtype=self.dtype)
+            self._h_shapes[image_shape] = tuple(probe_shape(self.driver, self.site, x)[1:])
+        return self._h_shapes[image_shape]
+
+    def set_directions(self, directions: Any) -> None:
+        """Directions to explain: a Directions object or a tensor (K, *h_shape); each is normalized."""
+        provenance: dict[str, Any] = {}
+        if hasattr(directions, "vectors"):
+            provenance = dict(getattr(directions, "provenance", {}) or {})
+            directions = directions.vectors
+        vectors = torch.as_tensor(directions).detach().float().cpu()
+        shape = self.h_shape()
+        if vectors.shape[1:] != torch.Size(shape):
+            if tuple(vectors.shape) == shape:
+                vectors = vectors[None]
+            else:
+                raise ValueError(
+                    f"directions have shape {tuple(vectors.shape)}, but h at {self.site} has shape {shape} per image: "
+                    f"give (K, {', '.join(map(str, shape))})"
+                )
+        check_finite(vectors, "directions")
+        norms = vectors.flatten(1).norm(dim=1)
+        if (norms < 1e-8).any():
+            raise ValueError(f"direction(s) {torch.nonzero(norms < 1e-8).flatten().tolist()} have zero norm")
+        self.directions = vectors / norms.view(-1, *([1] * len(shape)))
+        self.provenance = provenance
+        self._scales = None
+
+    @property
+    def n_latents(self) -> int:
+        return 0 if self.directions is None else len(self.directions)
+
+    def latent_id(self, index: int) -> str:
+        return f"dir{index}"
+
+    def check_index(self, index: int) -> int:
+        if self.directions is None:
+            raise IndexError("the ddpm adapter has no directions yet: call set_directions(...) or pass directions=")
+        return super().check_index(index)
+
+    def sample_bases(self, n: int, seed: int = 0) -> torch.Tensor:
+        """``n`` initial noises x_T ~ N(0, I), (n, C, H, W), reproducible from ``seed``."""
+        if n < 1:
+            raise ValueError(f"need at least 1 base noise, got {n}")
+        return torch.randn(n, *self.image_shape, generator=torch.Generator().manual_seed(seed))
+
+    def _check_bases(self, bases: torch.Tensor) -> torch.Tensor:
+        bases = torch.as_tensor(bases, dtype=torch.float32)
+        if bases.ndim == 3:
+            bases = bases[None]
+        if bases.ndim != 4:
+            raise ValueError(f"base noises must have shape (n, C, H, W), got {tuple(bases.shape)}")
+        check_finite(bases, "base noises")
+        return bases
+
+    # -- sampling ------------------------------------------------------------------------------
+
+    def _to_images(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x.float().cpu() + 1.0) / 2.0).clamp_(0.0, 1.0)
+
+    @torch.no_grad()
+    def sample(self, bases: torch.Tensor) -> torch.Tensor:
+        """Plain sampling from x_T (no edit, no nnsight): images (n, C, H, W) in [0, 1]."""
+        bases = self._check_bases(bases)
+        out = [self.driver(chunk.to(self.device, self.dtype)) for chunk in bases.split(self.max_batch)]
+        return self._to_images(torch.cat(out))
+
+    @torch.no_grad()
+    def sample_edited(self, bases: torch.Tensor, strengths: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+        """Sample from ``bases`` (B, C, H, W) with h <- h + strengths[b] * direction inside the edit window.
+
+        ``direction`` is (*h_shape) for all items or (B, *h_shape) per item, already scaled.
+        One nnsight trace per chunk of ``max_batch`` items covers every step.
+        """
+        bases = self._check_bases(bases)
+        strengths = torch.as_tensor(strengths, dtype=torch.float32)
+        per_item = direction.ndim == len(self.h_shape(tuple(bases.shape[1:]))) + 1
+        out = []
+        for start in range(0, len(bases), self.max_batch):
+            stop = start + self.max_batch
+            x = bases[start:stop].to(self.device, self.dtype)
+            d = direction[start:stop] if per_item else direction
+            edit = Edit("add", strengths[start:stop], direction=d.to(self.device, self.dtype), calls=self.edit_calls)
+            expected = (len(x), *self.h_shape(tuple(x.shape[1:])))
+            out.append(run_with_edit(self.driver, self.site, edit, x, calls=self.n_calls, expected_shape=expected))
+        return self._to_images(torch.cat(out))
+
+    def capture_h(self, bases: torch.Tensor, window_only: bool = True) -> torch.Tensor:
+        """h at the site for every step (in the edit window), (n, steps, *h_shape), via ``hooks.capture``."""
+        bases = self._check_bases(bases)
+        chunks = []
+        for chunk in bases.split(self.max_batch):
+            with torch.no_grad():
+                per_call = capture(self.driver, self.site, chunk.to(self.device, self.dtype), calls=self.n_calls)
+            if window_only:
+                per_call = per_call[self.edit_calls]
+            chunks.append(torch.stack([h.float().cpu() for h in per_call], dim=1))
+        return torch.cat(chunks)
+
+    def scales(self) -> torch.Tensor:
+        """Per-direction edit scale s_k: a number, or with ``scale="auto"`` the std of <h, v_k>.
+
+        The std is taken over ``calibration_samples`` noises at each step of the edit window and
+        averaged over the steps, so alpha = 1 moves h by one standard deviation along v_k.
+        """
+        if self.directions is None:
+            raise RuntimeError("no directions set")
+        if self._scales is None:
+            if self.scale == "auto":
+                h = self.capture_h(self.sample_bases(self.calibration_samples, CALIBRATION_SEED))
+                proj = torch.einsum("nsd,kd->nsk", h.flatten(2).double(), self.directions.flatten(1).double())
+                self._scales = proj.std(dim=0).mean(dim=0).float().clamp_min(1e-6)
+            else:
+                self._scales = torch.full((len(self.directions),), float(self.scale))
+        return self._scales
+
+    def traverse(self, indices: Sequence[int], bases: torch.Tensor, strengths: Sequence[float] | torch.Tensor,
+                 rows: int = 1, *, directions: torch.Tensor | None = None, **_: Any) -> list[Traversal]:
+        """One Traversal per direction: images (n_bases, 1, n_steps, C, H, W) in [0, 1].
+
+        Every (direction, base, strength) item is sampled in the same trace (chunks of
+        ``max_batch``). ``rows`` must be 1: h-space has no other latent to clamp for the
+        disentanglement comparison, so use the ``combination`` (or ``conditional``) bias.
+        """
+        strengths = check_strengths(strengths)
+        if rows != 1:
+            raise ValueError(
+                f"the ddpm adapter draws one row per base, but the bias asks for {rows} rows (the disentanglement "
+                f"comparison clamps another latent, which h-space directions do not have); use --bias combination"
+            )
+        if directions is not None:
+            self.set_directions(directions)
+            indices = list(range(self.n_latents))
+        indices = [self.check_index(i) for i in indices]
+        if not indices:
+            raise ValueError("nothing to traverse: indices is empty")
+        bases = self._check_bases(bases)
+        k, n, s = len(indices), len(bases), len(strengths)
+        scales = self.scales()
+        x = bases[None, :, None].expand(k, n, s, *bases.shape[1:]).reshape(-1, *bases.shape[1:])
+        alpha = strengths.repeat(k * n)
+        vectors = self.directions[indices] * scales[indices].view(-1, *([1] * (self.directions.ndim - 1)))
+        direction = vectors[0] if k == 1 else vectors.repeat_interleave(n * s, dim=0)
+        images = self.sample_edited(x, alpha, direction).view(k, n, 1, s, *bases.shape[1:])
+        meta = {"site": str(self.site), "t_edit": self.t_edit, "steps": len(self.timesteps),
+                "edited_timesteps": self.timesteps[self.edit_calls]}
+        return [
+            Traversal(latent_id=self.latent_id(i), images=images[li], strengths=strengths, rule="add", index=i,
+                      direction=self.directions[i], base_latents=bases, row_labels=[""],
+                      meta=meta | {"scale": float(scales[i])})
+            for li, i in enumerate(indices)
+        ]
+
+    # -- DDIM inversion --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def invert(self, images: torch.Tensor, steps: int | None = None, refine: int = 0) -> torch.Tensor:
+        """Deterministic DDIM inversion (eta = 0) of images (n, C, H, W) in [0, 1] to noises x_T.
+
+        Runs the DDIM update backwards, x_{t-dt} -> x_t for t ascending. The update needs
+        eps(x_t, t) at the unknown x_t; the classic inversion (Song et al. 2021, Sec. 4.3) uses
+        eps(x_{t-dt}, t) instead. ``refine`` > 0 then solves x_t = step^-1(x_{t-dt}, eps(x_t, t))
+        by that many fixed-point iterations (one extra UNet call each), which makes sampling the
+        result reproduce the images much more exactly. Needs a DDIMScheduler and an
+        epsilon-prediction model; ``steps`` defaults to the adapter's.
+        """
+        from diffusers import DDIMScheduler
+
+        if not isinstance(self.scheduler, DDIMScheduler):
+            raise ValueError(f"invert() mirrors DDIM sampling; this adapter samples with {type(self.scheduler).__name__}: use a DDIMScheduler")
+        config = self.scheduler.config
+        if config.prediction_type != "epsilon":
+            raise ValueError(f"invert() supports epsilon-prediction models, this scheduler has prediction_type={config.prediction_type!r}")
+        if not isinstance(refine, int) or refine < 0:
+            raise ValueError(f"refine must be an integer >= 0, got {refine!r}")
+        images = torch.as_tensor(images, dtype=torch.float32)
+        if images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
+            raise ValueError(f"images must have shape (n, {', '.join(map(str, self.image_shape))}) in [0, 1], got {tuple(images.shape)}")
+        check_finite(images, "images")
+        sch = DDIMScheduler.from_config(config)
+        sch.set_timesteps(steps or self.driver.steps)
+        ab = sch.alphas_cumprod.double().to(self.device)
+        jump = config.num_train_timesteps // sch.num_inference_steps
+        clip = config.clip_sample_range if config.clip_sample else None
+
+        def eps_at(x: torch.Tensor, t: int) -> torch.Tensor:
+            return self.unet(x.to(self.dtype), t, return_dict=False)[0].double()
+
+        out = []
+        for chunk in images.split(self.max_batch):
+            x = (chunk * 2.0 - 1.0).to(self.device).double()
+            for t in reversed([int(t) for t in sch.timesteps]):  # ascending t
+                prev = t - jump
+                ab_prev = ab[prev] if prev >= 0 else sch.final_alpha_cumprod.double().to(self.device)
+                eps = eps_at(x, t)  # classic approximation: eps at the less noisy sample
+                for k in range(refine + 1):
+                    # invert DDIM eq. (12): x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev) eps
+                    x0 = (x - (1 - ab_prev).sqrt() * eps) / ab_prev.sqrt()
+                    if clip is not None:  # sampling clips the predicted x_0; mirror it
+                        x0 = x0.clamp(-clip, clip)
+                    x_t = ab[t].sqrt() * x0 + (1 - ab[t]).sqrt() * eps
+                    if k < refine:
+                        eps = eps_at(x_t, t)
+                x = x_t
+            out.append(x.float().cpu())
+        return torch.cat(out)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "n_latents": self.n_latents, "model": self.model_id, "unet": type(self.unet).__name__,
+            "scheduler": type(self.scheduler).__name__, "site": str(self.site), "steps": len(self.timesteps),
+            "t_edit": self.t_edit, "edited_steps": self.edit_calls.stop, "scale": self.scale,
+            "directions": {k: v for k, v in self.provenance.items() if k in ("finder", "site", "timestep", "model", "file")},
+        }
+
+
+def resolve_direction_spec(spec: str) -> tuple[str, Any]:
+    """``("file", path)`` for an existing .safetensors file, else ``(name, finder)`` from the registry.
+
+    An unknown name raises ValueError listing the registered finders.
+    """
+    from ..plugins import UnknownComponentError, registry
+
+    if Path(spec).is_file():
+        return "file", Path(spec)
+    try:
+        return spec, registry("direction_finders").get(spec).factory
+    except UnknownComponentError as exc:
+        raise ValueError(f"{exc} (or give the path of a directions .safetensors file)") from None
+
+
+def labelled_images(data: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Images (n, C, H, W) in [0, 1] and binary labels (n, L) from an npz in the ``train-vae`` layout.
+
+    Every factor column with exactly two distinct values is a label (its larger value is y = 1).
+    """
+    import numpy as np
+
+    if data is None or "factors" not in data:
+        raise ValueError("the conditional finder needs --data: an npz with images (N,H,W,C) uint8 and binary factors (N,K)")
+    factors = np.asarray(data["factors"])
+    names = list(data.get("factor_names") or [f"factor{k}" for k in range(factors.shape[1])])
+    keep = [k for k in range(factors.shape[1]) if len(np.unique(factors[:, k])) == 2]
+    if not keep:
+        raise ValueError("no factor in --data is binary (exactly two distinct values); the conditional finder needs binary labels")
+    labels = torch.stack([torch.as_tensor(factors[:, k] == factors[:, k].max()) for k in keep], dim=1)
+    images = torch.from_numpy(np.ascontiguousarray(data["images"])).permute(0, 3, 1, 2).float() / 255.0
+    return images, labels, [str(names[k]) for k in keep]
+
+
+def find_directions(adapter: DDPMAdapter, spec: str, n_directions: int | None = None, seed: int = 0,
+                    data: dict[str, Any] | None = None) -> Any:
+    """Directions for ``adapter`` from a finder name (``pca``, ``pullback``, ``conditional``, a plugin's) or a file.
+
+    Finders other than ``conditional`` are called as ``finder(adapter, n_directions=K, seed=S)``
+    (K defaults to 8). ``conditional`` takes labelled images from ``data`` (npz layout, see
+    :func:`labelled_images`): the images are DDIM-inverted and each binary factor gives one
+    direction, the difference of the class means of h. The directions are set on the adapter.
+    """
+    from ..directions import Directions, given
+
+    kind, finder = resolve_direction_spec(spec)
+    if n_directions is not None and (not isinstance(n_directions, int) or n_directions < 1):
+        raise ValueError(f"n_directions must be an integer >= 1, got {n_directions!r}")
+    if kind == "file":
+        found = given(finder)
+    elif kind == "conditional":
+        images, labels, names = labelled_images(data)
+        found = finder(adapter=adapter, images=images, labels=labels, label_names=names)
+        if n_directions is not None and n_directions != len(found):
+            raise ValueError(f"the conditional finder gives one direction per binary factor ({len(found)}), not {n_directions}")
+    elif kind in ("axes", "given"):
+        raise ValueError(f"the {kind!r} finder does not apply to h-space; use pca, pullback, conditional or a directions file")
+    else:
+        found = finder(adapter, n_directions=n_directions or 8, seed=seed)
+    if not isinstance(found, Directions):
+        raise TypeError(f"direction finder {spec!r} returned {type(found).__name__}, not Directions")
+    adapter.set_directions(found)
+    return found

@@ -1,0 +1,30 @@
+"""Docs that cannot drift: the README's commands, its Python example, the results.json schema."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_blocks(lang):
+    return re.findall(rf"```{lang}\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+
+
+def test_readme_has_exactly_two_commands_and_ci_runs_the_test_one():
+    commands = [b.strip() for b in readme_blocks("bash")]
+    assert len(commands) == 2
+    demo, tests = commands
+    assert "latentexplainer demo" in demo and "torch==2.13.0" in demo
+    assert "pytest" in tests
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert tests in ci, "the README's test command must be what .ci/run runs"
+    assert "torch==2.13.0" in ci.split(tests)[0], ".ci/run must install torch==2.13.0 before the tests"
+
+
+def test_results_schema_documents_every_key():
+    from latentexplainer_plugin.results import LatentResult
+
+    doc = (ROOT / "docs" / "results-schema.md").read_text()
+    keys = set(LatentResult("z0", 0, "ok").to_json("strips/z0.png")) | {"kl", "active", "factor"}
+    for key in keys:
+        assert f"`{key}`" in doc, f"results.json key {key!r} is not documented"

@@ -1,0 +1,369 @@
+"""Explanations from an OpenAI-compatible server, end to end through the CLI, against the loopback server.
+
+The server's answer depends on the latent named in the prompt: z0 always gets the same sentence
+(a clear explanation), z1 gets five unrelated sentences (no agreement), z2 a consistent answer
+wrapped in chat boilerplate. A tiny VAE trained by ``train-vae`` stands in for a real model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from latentexplainer_plugin.backends.offline import OfflineBackend
+from latentexplainer_plugin.backends.openai_compat import OpenAICompatBackend
+from latentexplainer_plugin.biases import CONDITIONAL, DISENTANGLEMENT, InductiveBias, build_prompt
+from latentexplainer_plugin.biases.from_llm import (PromptFromLLMWarning, TemplateError, check_template, meta_prompt,
+                                                    prompt_from_llm)
+from latentexplainer_plugin.cli import main
+from latentexplainer_plugin.hookspecs import hookimpl
+from latentexplainer_plugin.plugins import register_plugin, registry, unregister_plugin
+from latentexplainer_plugin.store import read_results
+from latentexplainer_plugin.types import Response, Traversal
+from latentexplainer_plugin.uncertainty import select_explanation
+
+try:
+    from tests.loopback_server import Fault, LoopbackServer
+except ImportError:
+    from loopback_server import Fault, LoopbackServer  # type: ignore
+
+KEY = "sk-loopback-SECRET-5d41402abc4b2a76"
+Z0 = "The object moves left to right."
+VARIED = [
+    "The background turns dark.",
+    "A square rotates clockwise.",
+    "Its colour shifts toward green.",
+    "Shape becomes elongated quickly.",
+    "Tiny dots flicker around edges.",
+]
+Z2_RAW = "Sure! Here is the explanation: **The square grows larger.** Let me know if you need more."
+Z2 = "The square grows larger."
+META_MARKER = "Write a prompt template"
+LLM_TEMPLATE = "LLMTEMPLATE: the grid shows latent {latent} from {low} to {high}, where {formula_in_words}. Describe the change in one sentence."
+
+
+def latent_of(request) -> str | None:
+    text = " ".join(request.text_parts())
+    match = re.search(r"\b(z\d+)\b", text)
+    return match.group(1) if match else None
+
+
+def answer(request, i: int) -> str:
+    text = " ".join(request.text_parts())
+    if META_MARKER in text:
+        return "Here is the prompt template: " + LLM_TEMPLATE
+    latent = latent_of(request)
+    if latent == "z0":
+        return Z0
+    if latent == "z1":
+        return VARIED[(i + request.ordinal) % len(VARIED)]
+    return Z2_RAW
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def server():
+    with LoopbackServer(answer=answer, require_key=KEY) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    from latentexplainer_plugin.demo.shapes import ShapesSpec, make_dataset
+
+    root = tmp_path_factory.mktemp("vae")
+    np.savez(root / "data.npz", **make_dataset(32, ShapesSpec(size=16), seed=3))
+    assert main(["train-vae", "--data", str(root / "data.npz"), "--out", str(root / "model"), "--steps", "2",
+                 "--latents", "3", "--batch-size", "8", "--quiet"]) == 0
+    return root / "model"
+
+
+def run(tiny_vae, server, out: Path, *extra: str) -> int:
+    return main(["explain", "--model", str(tiny_vae), "--backend", "openai:test-model", "--base-url", server.url,
+                 "--samples", "5", "--latents", "0,1,2", "--similarity", "bow", "--out", str(out), "--quiet",
+                 "--timeout", "5", *extra])
+
+
+def entries(out: Path) -> dict[str, dict]:
+    return {e["id"]: e for e in read_results(out / "results.json")["latents"]}
+
+
+def all_bytes(root: Path) -> list[tuple[Path, bytes]]:
+    return [(p, p.read_bytes()) for p in root.rglob("*") if p.is_file()]
+
+
+# -- the happy path, key hygiene and the cache -------------------------------------------------------
+
+
+def test_explanations_come_from_the_server_and_the_cache_saves_requests(tiny_vae, server, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    out1 = tmp_path / "run1"
+    assert run(tiny_vae, server, out1, "--cache-dir", str(cache)) == 0
+    first = capsys.readouterr()
+    chat = server.chat_requests
+    assert len(chat) == 3 and all(r.n == 5 for r in chat)  # one request with n=5 per latent
+    assert all(r.image_urls() and r.image_urls()[0].startswith("data:image/png;base64,") for r in chat)
+    assert sorted(latent_of(r) for r in chat) == ["z0", "z1", "z2"]
+
+    e = entries(out1)
+    assert e["z0"]["status"] == "ok" and e["z0"]["clear"] is True
+    assert e["z0"]["explanation"] == Z0 and e["z0"]["certainty"] == pytest.approx(1.0)
+    assert [r["text"] for r in e["z0"]["responses"]] == [Z0] * 5
+    assert e["z1"]["status"] == "ok" and e["z1"]["clear"] is False and e["z1"]["explanation"] is None
+    assert e["z1"]["certainty"] < 0.3 and sorted(r["text"] for r in e["z1"]["responses"]) == sorted(VARIED)
+    assert e["z2"]["clear"] is True and e["z2"]["explanation"] == Z2  # boilerplate removed
+    data = read_results(out1 / "results.json")
+    assert data["backend"]["name"] == "openai" and data["backend"]["model"] == "test-model"
+    assert data["backend"]["base_url"] == server.url and data["backend"]["api_key_env"] == "OPENAI_API_KEY"
+
+    # the key is in no file of the run, no cache entry and no output
+    for path, content in all_bytes(out1) + all_bytes(cache):
+        assert KEY.encode() not in content, path
+    assert KEY not in first.out and KEY not in first.err
+    assert "response cache: 0 samples reused, 15 asked" in first.out
+
+    # the same run again: every sample from the cache, no request at all
+    out2 = tmp_path / "run2"
+    assert run(tiny_vae, server, out2, "--cache-dir", str(cache)) == 0
+    assert len(server.chat_requests) == 3
+    assert "response cache: 15 samples reused, 0 asked" in capsys.readouterr().out
+    again = entries(out2)
+    for lid in ("z0", "z1", "z2"):
+        assert again[lid]["responses"] == e[lid]["responses"] and again[lid]["certainty"] == e[lid]["certainty"]
+
+    # --no-cache asks again
+    assert run(tiny_vae, server, tmp_path / "run3", "--cache-dir", str(cache), "--no-cache") == 0
+    assert len(server.chat_requests) == 6
+    assert "response cache" not in capsys.readouterr().out
+
+
+def test_a_latent_whose_requests_all_fail_is_failed_the_others_ok(tiny_vae, server, tmp_path, capsys):
+    server.respond = lambda request: Fault.status(500, message="model overloaded") if latent_of(request) == "z1" else None
+    out = tmp_path / "run"
+    code = run(tiny_vae, server, out, "--no-cache", "--max-retries", "1")
+    captured = capsys.readouterr()
+    assert code == 1
+    e = entries(out)
+    assert e["z1"]["status"] == "failed" and e["z1"]["explanation"] is None
+    assert "HTTP 500" in e["z1"]["error"] and "model overloaded" in e["z1"]["error"]
+    assert all(r["text"] is None and "HTTP 500" in r["error"] for r in e["z1"]["responses"])
+    assert e["z0"]["status"] == "ok" and e["z0"]["explanation"] == Z0
+    assert e["z2"]["status"] == "ok" and e["z2"]["explanation"] == Z2
+    assert "z1: FAILED" in captured.out and "1 of 3 latents failed" in captured.out
+    z1_requests = [r for r in server.chat_requests if latent_of(r) == "z1"]
+    assert len(z1_requests) == 2  # the first attempt and one retry
+    assert KEY not in captured.out + captured.err
+
+
+def test_flaky_server_every_latent_ok_or_failed_never_scored_from_errors(tiny_vae, tmp_path, capsys):
+    def chaos(request):  # about 15 % 429 (with Retry-After) and 15 % 500, fixed per arrival number
+        draw = random.Random(f"chaos:{request.ordinal}").random()
+        if draw < 0.15:
+            return Fault.status(429, retry_after=0.01, message="rate limited")
+        if draw < 0.30:
+            return Fault.status(500, message="flaky")
+        return None
+
+    # slow_rate applies to the remaining 70 %: 0.143 * 0.7 = 10 % of requests answer after the timeout
+    with LoopbackServer(answer=answer, require_key=KEY, respond=chaos, supports_n=False, slow_rate=0.143,
+                        slow_delay=0.8, seed=3) as server:
+        out = tmp_path / "run"
+        code = main(["explain", "--model", str(tiny_vae), "--backend", "openai:test-model", "--base-url", server.url,
+                     "--samples", "5", "--latents", "0,1,2", "--similarity", "bow", "--out", str(out), "--quiet",
+                     "--no-cache", "--timeout", "0.5", "--max-retries", "2", "--concurrency", "4"])
+        requests = list(server.chat_requests)
+    captured = capsys.readouterr()
+    assert code in (0, 1)
+    faults = [r for r in requests if random.Random(f"chaos:{r.ordinal}").random() < 0.30]
+    assert faults  # the schedule did inject errors (which requests got them depends on thread timing)
+    e = entries(out)
+    assert sorted(e) == ["z0", "z1", "z2"]  # none missing
+    assert code == (1 if any(x["status"] == "failed" for x in e.values()) else 0)
+    for lid, entry in e.items():
+        assert entry["status"] in ("ok", "failed")
+        assert len(entry["responses"]) == 5
+        for r in entry["responses"]:
+            assert (r["text"] is None) == (r["error"] is not None)  # a sample is an answer or an error, never both
+        if entry["status"] == "failed":
+            assert entry["error"] and all(r["error"] for r in entry["responses"])
+            continue
+        ok = [r for r in entry["responses"] if r["error"] is None]
+        assert ok
+        # the certainty is the one the answers alone give: errors were excluded, not scored
+        redo = select_explanation([Response(text=r["text"], error=r["error"], abstained=r["abstained"])
+                                   for r in entry["responses"]], "bow")
+        assert entry["certainty"] == pytest.approx(redo.certainty)
+        assert redo.failures == 5 - len(ok)
+        if entry["clear"]:
+            assert entry["explanation"] in {r["text"] for r in ok}
+    assert e["z1"]["clear"] is False
+    if e["z0"]["status"] == "ok":
+        assert e["z0"]["explanation"] == Z0
+    assert KEY not in captured.out + captured.err
+
+
+# -- bad input fails before any request -----------------------------------------------------------------
+
+
+def test_missing_key_exits_2_before_any_request(tiny_vae, server, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("OPENAI_API_KEY")
+    assert run(tiny_vae, server, tmp_path / "a", "--no-cache") == 2
+    assert "No API key: set the OPENAI_API_KEY environment variable" in capsys.readouterr().err
+    assert run(tiny_vae, server, tmp_path / "b", "--no-cache", "--api-key-env", "MY_TEAM_KEY") == 2
+    assert "set the MY_TEAM_KEY environment variable" in capsys.readouterr().err
+    assert server.requests == []
+    assert not (tmp_path / "a" / "results.json").exists()
+    monkeypatch.setenv("MY_TEAM_KEY", KEY)  # the other variable is used when named
+    assert run(tiny_vae, server, tmp_path / "c", "--cache-dir", str(tmp_path / "cache"), "--api-key-env", "MY_TEAM_KEY") == 0
+    assert server.chat_requests[0].headers["authorization"] == f"Bearer {KEY}"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--backend", "openai:"], "--backend openai:MODEL needs a model name, e.g. openai:gpt-4o"),
+        (["--backend", "openai"], "--backend openai:MODEL needs a model name"),
+        (["--concurrency", "0"], "--concurrency must be >= 1, got 0"),
+        (["--timeout", "0"], "--timeout must be > 0 seconds, got 0.0"),
+        (["--timeout", "-1"], "--timeout must be > 0 seconds"),
+        (["--max-retries", "-1"], "--max-retries must be >= 0, got -1"),
+        (["--base-url", "ftp://127.0.0.1/v1"], "--base-url must be an http:// or https:// URL, got 'ftp://127.0.0.1/v1'"),
+        (["--base-url", "localhost:11434/v1"], "--base-url must be an http:// or https:// URL"),
+        (["--dtype", "bfloat16"], "--dtype: not used by the openai backend"),
+        (["--bias", "conditional"], "the 'conditional' bias needs --property TEXT"),
+    ],
+)
+def test_bad_openai_input(tiny_vae, server, tmp_path, capsys, args, message):
+    out = tmp_path / "never"
+    base = ["explain", "--model", str(tiny_vae), "--backend", "openai:test-model", "--base-url", server.url,
+            "--out", str(out), "--quiet", "--no-cache"]
+    assert main(base + args) == 2
+    assert message in capsys.readouterr().err
+    assert server.requests == [] and not (out / "results.json").exists()
+
+
+def test_llm_flags_with_the_offline_backend_are_refused(tiny_vae, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["explain", "--model", str(tiny_vae), "--out", str(out), "--quiet", "--base-url", "http://127.0.0.1:1/v1"]) == 2
+    assert "--base-url: not used by the offline backend" in capsys.readouterr().err
+    assert main(["explain", "--model", str(tiny_vae), "--out", str(out), "--quiet", "--prompt-from-llm"]) == 2
+    assert "--prompt-from-llm needs a language-model backend" in capsys.readouterr().err
+
+
+# -- a bias from a plugin -------------------------------------------------------------------------------
+
+MOTION = InductiveBias(
+    name="motion-only",
+    formula="x_t = g(z + t e_i)",
+    symbols={"x_t": "the picture at step t", "g": "the decoder", "z": "a random code", "e_i": "the axis of {latent}"},
+    template="MOTIONBIAS: as latent {latent} goes from {low} to {high}, {formula_in_words}. Say how the object moves.",
+    rows=1,
+)
+
+
+class MotionBiasPlugin:
+    @hookimpl
+    def latentexplainer_register_biases(self, register):
+        register("motion-only", lambda: MOTION)
+
+
+def test_a_plugin_bias_through_the_hook(tiny_vae, server, tmp_path):
+    register_plugin(MotionBiasPlugin(), name="test-motion-bias", distribution="test-dist")
+    try:
+        entry = registry("biases").get("motion-only")
+        assert entry.plugin == "test-motion-bias" and entry.distribution == "test-dist"
+        out = tmp_path / "run"
+        assert run(tiny_vae, server, out, "--no-cache", "--bias", "motion-only") == 0
+    finally:
+        unregister_plugin("test-motion-bias")
+    texts = [" ".join(r.text_parts()) for r in server.chat_requests]
+    assert len(texts) == 3 and all(t.startswith("MOTIONBIAS: as latent z") for t in texts)
+    assert any("the picture at step t = the decoder(a random code + t the axis of z0)" in t for t in texts)
+    data = read_results(out / "results.json")
+    assert data["bias"] == "motion-only" and entries(out)["z0"]["explanation"] == Z0
+    with pytest.raises(ValueError, match="unknown bias 'motion-only'"):
+        registry("biases").get("motion-only")
+
+
+# -- prompt from an LLM -----------------------------------------------------------------------------------
+
+
+def backend_for(server, **kw) -> OpenAICompatBackend:
+    return OpenAICompatBackend(model="test-model", base_url=server.url, timeout=5, backoff_base=0.01, max_retries=1, **kw)
+
+
+def test_prompt_from_llm_uses_a_checked_llm_template(server):
+    with backend_for(server) as backend:
+        bias = prompt_from_llm(DISENTANGLEMENT, backend)
+    assert bias.template == LLM_TEMPLATE and bias.extra["template_source"] == "llm"
+    assert (bias.name, bias.formula, bias.rows) == (DISENTANGLEMENT.name, DISENTANGLEMENT.formula, DISENTANGLEMENT.rows)
+    (request,) = server.chat_requests
+    text = " ".join(request.text_parts())
+    assert request.n == 1 and request.image_urls() == []  # text only, one sample
+    assert DISENTANGLEMENT.formula in text and "z_i -> the change produced by {latent}" in text
+    assert "Prompt template: Each row of the image" in text  # the in-context example (the combination bias)
+    assert "you must use {latent}" in text
+
+
+def test_prompt_from_llm_falls_back_on_a_bad_template(server):
+    bad = {
+        "no latent": "Describe what changes between {low} and {high}.",
+        "unknown": "Describe how {latent} changes the {colour}.",
+        "braces": "Describe {latent} as JSON {\"a\": 1}.",
+        "empty": "   ",
+    }
+    for reason, template in bad.items():
+        server.answer = template
+        with backend_for(server) as backend, pytest.warns(PromptFromLLMWarning, match="using the deterministic template"):
+            bias = prompt_from_llm(DISENTANGLEMENT, backend)
+        assert bias.template == DISENTANGLEMENT.template, reason
+        assert bias.extra["template_source"] == "deterministic" and bias.extra["template_rejected"]
+    server.answer = "x"
+    server.respond = lambda request: Fault.status(500)
+    with backend_for(server) as backend, pytest.warns(PromptFromLLMWarning, match="no answer.*HTTP 500"):
+        assert prompt_from_llm(DISENTANGLEMENT, backend).template == DISENTANGLEMENT.template
+    with pytest.raises(ValueError, match="cannot write a prompt"):
+        prompt_from_llm(DISENTANGLEMENT, OfflineBackend())
+
+
+def test_check_template_rules():
+    assert check_template("Prompt template: '{{latent}} from {low} to {high}.'", DISENTANGLEMENT) == "{latent} from {low} to {high}."
+    assert "{property}" in meta_prompt(CONDITIONAL)
+    with pytest.raises(TemplateError, match=r"\{property\} are missing"):
+        check_template("How does {latent} change things?", CONDITIONAL)
+    assert check_template("How does {latent} change '{property}'?", CONDITIONAL)
+    with pytest.raises(TemplateError, match="at most"):
+        check_template("{latent} " + "x" * 3000, DISENTANGLEMENT)
+    with pytest.raises(TemplateError, match="not a plain name"):
+        check_template("{latent} {0}", DISENTANGLEMENT)
+
+
+def test_cli_prompt_from_llm(tiny_vae, server, tmp_path, capsys):
+    out = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PromptFromLLMWarning)
+        assert run(tiny_vae, server, out, "--no-cache", "--prompt-from-llm") == 0
+    assert "prompt template (llm): LLMTEMPLATE" in capsys.readouterr().err
+    chat = server.chat_requests
+    assert META_MARKER in " ".join(chat[0].text_parts())
+    explain = chat[1:]
+    assert len(explain) == 3
+    assert all(" ".join(r.text_parts()).startswith("LLMTEMPLATE: the grid shows latent z") for r in explain)
+    assert entries(out)["z0"]["explanation"] == Z0
+    # the template prompt renders the same way build_prompt does for a real traversal
+    bias = dataclasses.replace(DISENTANGLEMENT, template=LLM_TEMPLATE)
+    prompt = build_prompt(bias, Traversal("z4", torch.zeros(1, 2, 2, 3, 8, 8), torch.tensor([-1.0, 1.0]), "set"))
+    assert prompt.text.startswith("LLMTEMPLATE: the grid shows latent z4 from -1 to +1")
