@@ -12,9 +12,11 @@ this process are tracked too, so two stores in one process cannot share a direct
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 import threading
 from pathlib import Path
@@ -32,6 +34,9 @@ RESULTS = "results.json"
 LOCK = ".lock"
 STATUSES = ("ok", "failed", "skipped")
 _NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+_RESERVED = ("schema_version", "settings", "status", "latents")  # header keys the store writes itself
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 _held: set[str] = set()  # run directories locked by this process
 _held_guard = threading.Lock()
@@ -87,6 +92,15 @@ def _jsonable(obj: Any) -> Any:
     if hasattr(obj, "tolist"):  # numpy / torch scalars and arrays
         return _jsonable(obj.tolist())
     return str(obj)
+
+
+def strip_name(latent_id: str) -> str:
+    """A file name for a latent's strip: the id itself when it is a plain name (``z3``, ``dir0``),
+    else a sanitised form plus a hash of the id (no path separators, no clashes)."""
+    if _SAFE_NAME.fullmatch(latent_id) and not latent_id.endswith("."):
+        return latent_id
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", latent_id).strip("._")[:60] or "latent"
+    return f"{safe}-{hashlib.sha1(latent_id.encode('utf-8', 'surrogatepass')).hexdigest()[:10]}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -284,16 +298,23 @@ class RunStore:
 
     def _flush(self, status: str) -> None:
         latents = sorted(self.entries.values(), key=lambda e: e["index"])
-        data = {"schema_version": SCHEMA_VERSION} | self.header | {"settings": self.settings, "status": status, "latents": latents}
+        header = {k: v for k, v in self.header.items() if k not in _RESERVED}
+        data = {"schema_version": SCHEMA_VERSION} | header | {"settings": self.settings, "status": status, "latents": latents}
         path = self.dir / RESULTS
+        data = _jsonable(data)
+        text = json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
         try:
-            atomic_write_text(path, json.dumps(_jsonable(data), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (e.g. from a server's broken \ud83d escape): keep it, escaped
+            text = json.dumps(data, indent=2, ensure_ascii=True, allow_nan=False) + "\n"
+        try:
+            atomic_write_text(path, text)
         except OSError as exc:
             raise _write_error(path, exc, self._written) from exc
         self._written = len(latents)
 
     def _save_strip(self, result: LatentResult) -> str:
-        rel = f"strips/{result.id}.png"
+        rel = f"strips/{strip_name(result.id)}.png"
         path = self.dir / rel
         path.parent.mkdir(exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
