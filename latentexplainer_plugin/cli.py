@@ -351,7 +351,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _explain_ddpm(args: argparse.Namespace, checked: dict[str, Any], data: dict[str, Any] | None) -> int:
     """--adapter ddpm: load UNet + DDIM scheduler, find (or on --resume reload) h-space directions, save them, explain."""
-    from .adapters.diffusion import DDPMAdapter, find_directions, resolve_direction_spec
+    from .adapters.diffusion import DDPMAdapter, find_directions, labelled_images, resolve_direction_spec
     from .directions import Directions
     from .plugins import registry
 
@@ -364,7 +364,8 @@ def _explain_ddpm(args: argparse.Namespace, checked: dict[str, Any], data: dict[
         raise UsageError(f"the {args.bias!r} bias compares {rows} rows with another latent clamped; h-space directions have no "
                          "other latent to clamp: use --bias combination (the ddpm default) or conditional")
     try:
-        resolve_direction_spec(args.direction)
+        if resolve_direction_spec(args.direction)[0] == "conditional":
+            labelled_images(data)  # needs --data with binary factors: refuse before loading the model
         try:
             scale = args.edit_scale if args.edit_scale == "auto" else float(args.edit_scale)
         except ValueError:
@@ -506,7 +507,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         out = getattr(args, "out", None)
-        hint = f" Finished latents are saved in {out}; rerun the same command with --resume to continue." if out else ""
+        started = bool(out) and (Path(out) / "results.json").is_file()  # else it stopped before the run began
+        hint = f" Finished latents are saved in {out}; rerun the same command with --resume to continue." if started else ""
         print(f"\nlatentexplainer {args.command}: interrupted.{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
 

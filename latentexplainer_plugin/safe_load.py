@@ -71,6 +71,18 @@ def looks_like_pickle(path: str | Path) -> bool:
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
+def _torch_reason(exc: Exception) -> str:
+    """The useful line of torch.load's error (its generic advice to use weights_only=False is dropped)."""
+    boiler = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if not line.startswith(boiler):
+            detail = line.replace("WeightsUnpickler error:", "").strip()
+            if detail:
+                return detail[:200]
+    return (lines[0][:200] if lines else "") or type(exc).__name__
+
+
 def load_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Load a state dict from safetensors, or from a torch checkpoint only with ``allow_pickle``.
 
@@ -92,10 +104,10 @@ def load_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, torc
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LoadError(
             f"{path} could not be loaded with torch.load(weights_only=True), which only reads tensors and "
-            f"plain containers: {first}"
+            f"plain containers ({_torch_reason(exc)}). The file holds something else, possibly code: do not "
+            "load it with weights_only=False unless you trust its source; re-save its tensors as safetensors."
         ) from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # the common {"state_dict": ...} checkpoint layout

@@ -35,6 +35,7 @@ LOCK = ".lock"
 STATUSES = ("ok", "failed", "skipped")
 _NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
+_CORE = ("id", "index", "status", "explanation", "certainty", "clear", "responses", "strip", "error")
 _RESERVED = ("schema_version", "settings", "status", "latents")  # header keys the store writes itself
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -336,7 +337,8 @@ class RunStore:
     def add(self, result: LatentResult, extras: dict[str, Any] | None = None) -> dict[str, Any]:
         """Write the strip of ``result``, then its entry in results.json (in that order)."""
         strip = self._save_strip(result) if result.traversal is not None else None
-        entry = _jsonable(result.to_json(strip) | (extras or {}))
+        core = result.to_json(strip)
+        entry = _jsonable(core | (extras or {}) | {k: core[k] for k in _CORE if k in core})  # extras never replace these
         previous = self.entries.get(result.id)
         self.entries[result.id] = entry
         try:

@@ -76,7 +76,7 @@ def p(tmp_path_factory):
     torch.save(vae.state_dict(), variant("pickled", False) / "model.pt")
     torch.save(vae.state_dict(), variant("renamed", False) / "model.safetensors")  # a pickle in disguise
     marker = root / "PWNED"
-    (variant("malicious", False) / "model.pt").write_bytes(pickle.dumps({"w": Boom(str(marker))}))
+    (variant("malicious", False) / "model.pt").write_bytes(pickle.dumps({"w": Boom(str(marker))}, protocol=2))
     config = json.loads((model / "config.json").read_text())
     (variant("mismatch") / "config.json").write_text(json.dumps(config | {"latent_dim": 5}))
 
@@ -143,7 +143,8 @@ CLI_CASES = [
     ("model-pickle-named-safetensors", lambda p, o: ["explain", "--model", str(p.root / "renamed"), "--out", str(o)],
      ["model.safetensors is a pickle-based checkpoint", "--allow-pickle"]),
     ("model-malicious-pickle-allowed", lambda p, o: ["explain", "--model", str(p.root / "malicious"), "--out", str(o), "--allow-pickle"],
-     ["could not be loaded with torch.load(weights_only=True), which only reads tensors and plain containers"]),
+     ["could not be loaded with torch.load(weights_only=True), which only reads tensors and plain containers",
+      "do not load it with weights_only=False unless you trust its source"]),
     ("model-weights-do-not-fit-config", lambda p, o: ["explain", "--model", str(p.root / "mismatch"), "--out", str(o)],
      ["the weights in", "do not match its config.json: size mismatch"]),
     ("data-missing", lambda p, o: explain(p, o, "--data", str(p.root / "nope.npz")), ["data file", "nope.npz does not exist"]),
@@ -181,8 +182,11 @@ NEEDS_BACKEND = {"openai-missing-key": "openai", "openai-unreachable": "openai",
                  "hf-vlm-without-processor": "hf"}
 
 
-def test_the_catalogue_is_big_enough():
+def test_the_catalogue_is_big_enough_and_documented():
     assert len(CLI_CASES) >= 25 and len({c[0] for c in CLI_CASES}) == len(CLI_CASES)
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "troubleshooting.md").read_text()
+    undocumented = [case for case, _, _ in CLI_CASES if f"`{case}`" not in doc]
+    assert not undocumented, f"docs/troubleshooting.md has no entry for {undocumented}"
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")

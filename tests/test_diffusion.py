@@ -90,6 +90,9 @@ def test_nnsight_edit_matches_reference_hook_loop(adapter, unet):
         assert (got - ref).abs().max() <= 1e-5
         assert (tr.images[:, 0, 2] - tr.images[:, 0, 1]).abs().max() > 1e-2  # the edit shows
         assert tr.meta["edited_timesteps"] == [800, 600]
+    # directions passed in (any norm) are traversed as given, and the adapter keeps its own
+    again = adapter.traverse([], bases, strengths, directions=adapter.directions[1:] * 7.0)[0]
+    assert (again.images - traversals[1].images).abs().max() <= 1e-5 and adapter.n_latents == 2
 
 
 def test_strength_zero_reproduces_unedited_sampling(adapter):
@@ -231,3 +234,13 @@ def test_cli_refuses_wrong_shape_direction_file(pipeline_dir, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "(2, 16, 4, 4)" in err and "(32, 8, 8)" in err
+
+
+def test_docs_python_example_runs_and_prints_what_it_says(capsys):
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "diffusion.md").read_text()
+    code, printed = re.search(r"```python\n(.*?)```\n\nprints\n\n```\n(.*?)```", doc, flags=re.S).groups()
+    exec(compile(code, "docs/diffusion.md", "exec"), {})
+    assert capsys.readouterr().out == printed

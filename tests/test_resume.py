@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from latentexplainer_plugin import plugins
+from latentexplainer_plugin import store as store_mod
 from latentexplainer_plugin.attribution import LatentExplainer
 from latentexplainer_plugin.backends.base import Backend
 from latentexplainer_plugin.backends.offline import OfflineBackend
@@ -28,9 +29,8 @@ from latentexplainer_plugin.cli import EXIT_INTERRUPTED, main
 from latentexplainer_plugin.demo.shapes import ShapesSpec, make_dataset
 from latentexplainer_plugin.results import LatentResult
 from latentexplainer_plugin.run import _runs_latents_concurrently, explain_to_dir
-from latentexplainer_plugin import store as store_mod
-from latentexplainer_plugin.types import Response
 from latentexplainer_plugin.store import LOCK, RESULTS, RunStore, RunStoreError, read_results
+from latentexplainer_plugin.types import Response
 
 N_LATENTS = 3
 
@@ -417,7 +417,7 @@ def test_lock_keeps_a_second_process_out(tmp_path):
 def test_lock_keeps_a_second_store_in_this_process_out(tmp_path):
     first = RunStore(tmp_path, {}, SETTINGS)
     with pytest.raises(RunStoreError, match="in use by another run in this process"):
-        RunStore(tmp_path / "." , {}, SETTINGS, resume=True)
+        RunStore(tmp_path / "sub" / "..", {}, SETTINGS, resume=True)
     first.release()
     first.release()  # idempotent
     RunStore(tmp_path, {}, SETTINGS, resume=True).release()

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import math
 from pathlib import Path
@@ -112,8 +113,9 @@ def load_ddpm(path_or_id: str | Path, device: str | torch.device = "cpu", dtype:
             "" if (root / "scheduler_config.json").is_file() else False)
     else:
         root, unet_sub, sched_sub = source, "unet", "scheduler"
+    low_memory = importlib.util.find_spec("accelerate") is not None  # else diffusers warns on every load
     try:
-        unet = _from_pretrained(UNet2DModel, str(root), unet_sub, torch_dtype=dtype)
+        unet = _from_pretrained(UNet2DModel, str(root), unet_sub, torch_dtype=dtype, low_cpu_mem_usage=low_memory)
     except (OSError, ValueError) as exc:
         raise LoadError(f"could not load a UNet2DModel from {source}: {exc}") from exc
     if sched_sub is False:
@@ -180,7 +182,7 @@ class DDPMAdapter(Adapter):
         if scheduler is None:
             from diffusers import DDIMScheduler
 
-            scheduler = DDIMScheduler(num_train_timesteps=int(getattr(getattr(model, "config", None), "num_train_timesteps", None) or 1000))
+            scheduler = DDIMScheduler(num_train_timesteps=1000)
         for needed in ("set_timesteps", "step"):
             if not callable(getattr(scheduler, needed, None)):
                 raise TypeError(f"scheduler {type(scheduler).__name__} has no {needed}(); pass a diffusers scheduler")
@@ -259,6 +261,10 @@ class DDPMAdapter(Adapter):
 
     def set_directions(self, directions: Any) -> None:
         """Directions to explain: a Directions object or a tensor (K, *h_shape); each is normalized."""
+        self.directions, self.provenance = self._unit_directions(directions)
+        self._scales = None
+
+    def _unit_directions(self, directions: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         provenance: dict[str, Any] = {}
         if hasattr(directions, "vectors"):
             provenance = dict(getattr(directions, "provenance", {}) or {})
@@ -277,9 +283,7 @@ class DDPMAdapter(Adapter):
         norms = vectors.flatten(1).norm(dim=1)
         if (norms < 1e-8).any():
             raise ValueError(f"direction(s) {torch.nonzero(norms < 1e-8).flatten().tolist()} have zero norm")
-        self.directions = vectors / norms.view(-1, *([1] * len(shape)))
-        self.provenance = provenance
-        self._scales = None
+        return vectors / norms.view(-1, *([1] * len(shape))), provenance
 
     @property
     def n_latents(self) -> int:
@@ -352,22 +356,24 @@ class DDPMAdapter(Adapter):
             chunks.append(torch.stack([h.float().cpu() for h in per_call], dim=1))
         return torch.cat(chunks)
 
-    def scales(self) -> torch.Tensor:
-        """Per-direction edit scale s_k: a number, or with ``scale="auto"`` the std of <h, v_k>.
+    def scales(self, vectors: torch.Tensor | None = None) -> torch.Tensor:
+        """Edit scale s_k of each direction (the adapter's, cached, or of unit ``vectors``).
 
-        The std is taken over ``calibration_samples`` noises at each step of the edit window and
-        averaged over the steps, so alpha = 1 moves h by one standard deviation along v_k.
+        A number when ``scale`` is one; with ``scale="auto"`` the std of <h, v_k> over
+        ``calibration_samples`` noises at each step of the edit window, averaged over the steps,
+        so alpha = 1 moves h by one standard deviation along v_k.
         """
-        if self.directions is None:
-            raise RuntimeError("no directions set")
-        if self._scales is None:
-            if self.scale == "auto":
-                h = self.capture_h(self.sample_bases(self.calibration_samples, CALIBRATION_SEED))
-                proj = torch.einsum("nsd,kd->nsk", h.flatten(2).double(), self.directions.flatten(1).double())
-                self._scales = proj.std(dim=0).mean(dim=0).float().clamp_min(1e-6)
-            else:
-                self._scales = torch.full((len(self.directions),), float(self.scale))
-        return self._scales
+        if vectors is None:
+            if self.directions is None:
+                raise RuntimeError("the ddpm adapter has no directions yet: call set_directions(...)")
+            if self._scales is None:
+                self._scales = self.scales(self.directions)
+            return self._scales
+        if self.scale != "auto":
+            return torch.full((len(vectors),), float(self.scale))
+        h = self.capture_h(self.sample_bases(self.calibration_samples, CALIBRATION_SEED))
+        proj = torch.einsum("nsd,kd->nsk", h.flatten(2).double(), vectors.flatten(1).double())
+        return proj.std(dim=0).mean(dim=0).float().clamp_min(1e-6)
 
     def traverse(self, indices: Sequence[int], bases: torch.Tensor, strengths: Sequence[float] | torch.Tensor,
                  rows: int = 1, *, directions: torch.Tensor | None = None, **_: Any) -> list[Traversal]:
@@ -381,27 +387,29 @@ class DDPMAdapter(Adapter):
         if rows != 1:
             raise ValueError(
                 f"the ddpm adapter draws one row per base, but the bias asks for {rows} rows (the disentanglement "
-                f"comparison clamps another latent, which h-space directions do not have); use --bias combination"
+                f"comparison clamps another latent, which h-space directions do not have); use the combination bias "
+                f"(--bias combination, bias='combination') or the conditional one"
             )
-        if directions is not None:
-            self.set_directions(directions)
-            indices = list(range(self.n_latents))
-        indices = [self.check_index(i) for i in indices]
+        if directions is not None:  # these directions only, the adapter's own stay
+            units = self._unit_directions(directions)[0]
+            indices, scales = list(range(len(units))), self.scales(units)
+        else:
+            indices = [self.check_index(i) for i in indices]
+            units, scales = self.directions, self.scales()
         if not indices:
             raise ValueError("nothing to traverse: indices is empty")
         bases = self._check_bases(bases)
         k, n, s = len(indices), len(bases), len(strengths)
-        scales = self.scales()
         x = bases[None, :, None].expand(k, n, s, *bases.shape[1:]).reshape(-1, *bases.shape[1:])
         alpha = strengths.repeat(k * n)
-        vectors = self.directions[indices] * scales[indices].view(-1, *([1] * (self.directions.ndim - 1)))
+        vectors = units[indices] * scales[indices].view(-1, *([1] * (units.ndim - 1)))
         direction = vectors[0] if k == 1 else vectors.repeat_interleave(n * s, dim=0)
         images = self.sample_edited(x, alpha, direction).view(k, n, 1, s, *bases.shape[1:])
         meta = {"site": str(self.site), "t_edit": self.t_edit, "steps": len(self.timesteps),
                 "edited_timesteps": self.timesteps[self.edit_calls]}
         return [
             Traversal(latent_id=self.latent_id(i), images=images[li], strengths=strengths, rule="add", index=i,
-                      direction=self.directions[i], base_latents=bases, row_labels=[""],
+                      direction=units[i], base_latents=bases, row_labels=[""],
                       meta=meta | {"scale": float(scales[i])})
             for li, i in enumerate(indices)
         ]
@@ -465,19 +473,22 @@ class DDPMAdapter(Adapter):
             "name": self.name, "n_latents": self.n_latents, "model": self.model_id, "unet": type(self.unet).__name__,
             "scheduler": type(self.scheduler).__name__, "site": str(self.site), "steps": len(self.timesteps),
             "t_edit": self.t_edit, "edited_steps": self.edit_calls.stop, "scale": self.scale,
-            "directions": {k: v for k, v in self.provenance.items() if k in ("finder", "site", "timestep", "model", "file")},
+            "directions": {k: v for k, v in self.provenance.items() if k in ("finder", "site", "timestep", "model")},
         }
 
 
 def resolve_direction_spec(spec: str) -> tuple[str, Any]:
     """``("file", path)`` for an existing .safetensors file, else ``(name, finder)`` from the registry.
 
-    An unknown name raises ValueError listing the registered finders.
+    An unknown name raises ValueError listing the registered finders; ``axes`` and ``given``
+    (latent axes, vectors from Python) have no meaning for a whole h-space and are refused.
     """
     from ..plugins import UnknownComponentError, registry
 
     if Path(spec).is_file():
         return "file", Path(spec)
+    if spec in ("axes", "given"):
+        raise ValueError(f"the {spec!r} finder does not apply to h-space; use pca, pullback, conditional or a directions file")
     try:
         return spec, registry("direction_finders").get(spec).factory
     except UnknownComponentError as exc:
@@ -524,8 +535,6 @@ def find_directions(adapter: DDPMAdapter, spec: str, n_directions: int | None = 
         found = finder(adapter=adapter, images=images, labels=labels, label_names=names)
         if n_directions is not None and n_directions != len(found):
             raise ValueError(f"the conditional finder gives one direction per binary factor ({len(found)}), not {n_directions}")
-    elif kind in ("axes", "given"):
-        raise ValueError(f"the {kind!r} finder does not apply to h-space; use pca, pullback, conditional or a directions file")
     else:
         found = finder(adapter, n_directions=n_directions or 8, seed=seed)
     if not isinstance(found, Directions):

@@ -9,14 +9,17 @@ a class scores the best similarity among its descriptions.
 How a text is read:
 
 1. the traversal frame ("as z3 increases", "increasing z3") is removed (``strip_frame``): it is
-   shared by every answer and names no factor;
+   shared by every answer and names no factor; a shape noun after a determiner becomes "object"
+   ("the red square moves left" -> "the object moves left": naming the object is not a statement
+   about its shape; "turns into a circle" keeps its noun);
 2. the text is split into clauses at ``, ; :`` and at "and", "while", "but", "whereas" (a piece of
    fewer than three words stays with the clause before it: "bigger and rounder" is one clause);
 3. every clause gets the class it is most similar to; ``named`` lists them in order of mention;
-4. the judged class (``factor``) is that of the first clause whose best score reaches
-   ``min_clause_score`` (the whole text's best class when no clause does): an explanation leads
-   with the main change, later clauses add side effects ("makes the object smaller and moves it
-   to the right" names scale);
+4. the judged class (``factor``) is that of the first clause that says something: its best score
+   reaches ``min_clause_score`` and is within ``clause_margin`` of the best score of any clause
+   (so a preamble such as "moving along this direction" is passed over); the whole text's best
+   class when no clause qualifies. An explanation leads with the main change, later clauses add
+   side effects ("makes the object smaller and moves it to the right" names scale);
 5. classes within ``tie_margin`` of the judged clause's best score are tied with it (``tied``):
    a diagonal movement matches x and y position alike, and names both.
 
@@ -37,6 +40,12 @@ from .references import NO_CHANGE, NO_CHANGE_DESCRIPTIONS, factor_descriptions
 
 __all__ = ["FactorJudge", "Judgement", "NO_CHANGE", "split_clauses"]
 
+# A named object ("the square moves left") is the object, not a statement about its shape: after
+# a determiner, a shape noun becomes "object" before judging ("turns into a circle" keeps its noun).
+_OBJECT_NOUN = re.compile(
+    r"\b(the|this|that|its)\s+(?:\w+\s+)?(square|circle|ellipse|oval|triangle|diamond|cross|ring|rectangle|blob|sprite|figure)s?\b",
+    re.IGNORECASE,
+)
 _SPLIT = re.compile(r"\s*(?:[,;:]|\band\b|\bwhile\b|\bwhereas\b|\bbut\b)\s*", re.IGNORECASE)
 _WORDS = re.compile(r"\w+")
 
@@ -109,6 +118,8 @@ class FactorJudge:
         descriptions: per factor name, phrasings that replace the built-in ones.
         tie_margin: classes this close to the best are tied with it (see the module docstring).
         min_clause_score: a clause whose best similarity is lower says too little to be judged.
+        clause_margin: a clause this far below the most telling clause is a preamble ("moving
+            along this direction, ...") and is passed over.
         embed: ``texts -> (n, d)`` unit-norm embeddings; default the bundled all-MiniLM-L6-v2.
     """
 
@@ -118,6 +129,7 @@ class FactorJudge:
         descriptions: dict[str, Sequence[str]] | None = None,
         tie_margin: float = 0.02,
         min_clause_score: float = 0.4,
+        clause_margin: float = 0.1,
         embed: Callable[[list[str]], np.ndarray] | None = None,
     ):
         names = [str(n) for n in factor_names]
@@ -133,6 +145,7 @@ class FactorJudge:
         self.classes = names + [NO_CHANGE]
         self.tie_margin = float(tie_margin)
         self.min_clause_score = float(min_clause_score)
+        self.clause_margin = float(clause_margin)
         self._embed = embed or _default_embed
         custom = descriptions or {}
         self.descriptions: dict[str, tuple[str, ...]] = {}
@@ -152,6 +165,7 @@ class FactorJudge:
             "classes": list(self.classes),
             "tie_margin": self.tie_margin,
             "min_clause_score": self.min_clause_score,
+            "clause_margin": self.clause_margin,
         }
 
     def _class_scores(self, emb: np.ndarray) -> np.ndarray:
@@ -166,7 +180,7 @@ class FactorJudge:
         texts = [str(t) for t in texts]
         if not texts:
             return []
-        stripped = [strip_frame(t) or t for t in texts]
+        stripped = [_OBJECT_NOUN.sub(r"\1 object", strip_frame(t) or t) for t in texts]
         clause_lists = [split_clauses(s) for s in stripped]
         flat = list(dict.fromkeys(stripped + [c for cl in clause_lists for c in cl]))
         emb = np.asarray(self._embed(flat), dtype=np.float64)
@@ -176,16 +190,17 @@ class FactorJudge:
         for text, whole, clauses in zip(texts, stripped, clause_lists):
             whole_scores = scores[row[whole]]
             named: list[str] = []
+            clause_scores = [scores[row[c]] for c in clauses]
+            strongest = max(float(s.max()) for s in clause_scores)
             chosen: np.ndarray | None = None
-            for clause in clauses:
-                s = scores[row[clause]]
+            for s in clause_scores:
                 best = int(np.argmax(s))
                 for i in np.argsort(-s, kind="stable"):
                     if s[i] < s[best] - self.tie_margin:
                         break
                     if self.classes[i] not in named:
                         named.append(self.classes[i])
-                if chosen is None and s[best] >= self.min_clause_score:
+                if chosen is None and s[best] >= max(self.min_clause_score, strongest - self.clause_margin):
                     chosen = s
             if chosen is None:
                 chosen = whole_scores

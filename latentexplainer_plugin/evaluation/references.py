@@ -74,6 +74,7 @@ FACTOR_DESCRIPTIONS: dict[str, tuple[str, ...]] = {
         "the orientation angle of the object changes",
         "the shape spins or tilts",
         "the object tilts to one side",
+        "the object turns by a few degrees",
     ),
     "hue": (
         "the colour of the object changes",
