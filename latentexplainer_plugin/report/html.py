@@ -52,7 +52,10 @@ _SAFE_PATH = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./-]*$")
 
 
 def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
+    text = "" if value is None else str(value)
+    # a lone surrogate (possible in model output) cannot be written as UTF-8: show U+FFFD instead
+    text = text.encode("utf-8", "replace").decode("utf-8")
+    return html.escape(text, quote=True)
 
 
 def _num(value: Any) -> float | None:
