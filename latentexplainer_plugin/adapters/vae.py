@@ -133,8 +133,11 @@ class VAEAdapter(Adapter):
             zb = z[start:stop].to(self.device)
             expected = (len(zb), *self._site_features(zb))
             chunks.append(run_with_edit(self.driver, self.site, part, zb, expected_shape=expected).float().cpu())
+        images = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
         lo, hi = self.output_range
-        return ((torch.cat(chunks) - lo) / (hi - lo)).clamp_(0.0, 1.0)
+        if (lo, hi) != (0.0, 1.0):
+            images = (images - lo) / (hi - lo)
+        return images.clamp_(0.0, 1.0)
 
     def traverse(self, indices: Sequence[int], bases: torch.Tensor, strengths: Sequence[float] | torch.Tensor,
                  rows: int = 1, *, clamp: Mapping[int, int] | Callable[[int], int] | None = None,
