@@ -238,7 +238,7 @@ def main() -> None:
             ev = json.loads((out / "evaluation.json").read_text())
             evs.append(ev)
             sections += evaluation_section(label, ev, ["LATENTEXPLAINER_THRESHOLDS=none  # the benchmark ignores user calibrations", *prep, rec["cmd"]])
-            sections[-1:] = [f"(evaluate took {rec['seconds']:.0f} s wall, including the explain run.)", ""]
+            sections += [f"(evaluate took {rec['seconds']:.0f} s wall, including the explain run.)", ""]
         if len(evs) == 2:
             pooled = pooled_metrics(evs)
             pooled_sections += [f"### Both models, backend `{spec}`", "",

@@ -68,12 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="npz with images (and factors) to measure KL and captured factors")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept a pickle checkpoint (.pt/.bin) when the model has no safetensors; read with torch.load(weights_only=True)")
-    d = p.add_argument_group("diffusion models (--adapter ddpm); see docs/diffusion.md")
+    d = p.add_argument_group("diffusion models (--adapter ddpm | sd); see docs/diffusion.md")
     d.add_argument("--direction", default="pca", help="h-space direction finder: pca | pullback | conditional (needs --data) | a plugin's | a directions .safetensors file")
     d.add_argument("--n-directions", type=int, default=None, metavar="K", help="directions to find (default 8; conditional: one per binary factor)")
     d.add_argument("--steps", type=int, default=50, help="denoising steps per image (default 50)")
     d.add_argument("--t-edit", type=int, default=None, help="edit h on every step with timestep t >= T (default: half the training timesteps)")
     d.add_argument("--edit-scale", default="auto", help="h <- h + strength * scale * v; auto: scale = std of <h, v> over 16 samples (default)")
+    d.add_argument("--prompt", default=None, help="sd: the prompt every image is generated from (default 'a photograph')")
+    d.add_argument("--guidance-scale", type=float, default=7.5, help="sd: classifier-free guidance weight (default 7.5; <= 1: none)")
     _add_explain_options(p, None)
 
     p = sub.add_parser("train-vae", help="train a beta-TCVAE on an npz of images")
@@ -221,7 +223,7 @@ def _validate_explain(args: argparse.Namespace) -> dict[str, Any]:
     _, backend_arg = parse_backend_spec(args.backend)
     flags = {"--base-url": args.base_url, "--api-key-env": args.api_key_env, "--concurrency": args.concurrency,
              "--timeout": args.timeout, "--max-retries": args.max_retries,
-             "--dtype": None if getattr(args, "adapter", None) == "ddpm" else args.dtype,  # ddpm: also the UNet's dtype
+             "--dtype": None if getattr(args, "adapter", None) in ("ddpm", "sd") else args.dtype,  # also the UNet's dtype
              "--max-new-tokens": args.max_new_tokens}
     given = [flag for flag, value in flags.items() if value is not None]
     if args.concurrency is not None and args.concurrency < 1:
@@ -349,29 +351,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _explain(args, model.to(args.device), "vae", {"model": "latentexplainer demo VAE (shapes, 10 latents)"}, stats, checked)
 
 
-def _explain_ddpm(args: argparse.Namespace, checked: dict[str, Any], data: dict[str, Any] | None) -> int:
-    """--adapter ddpm: load UNet + DDIM scheduler, find (or on --resume reload) h-space directions, save them, explain."""
-    from .adapters.diffusion import DDPMAdapter, find_directions, labelled_images, resolve_direction_spec
+def _explain_diffusion(args: argparse.Namespace, checked: dict[str, Any], data: dict[str, Any] | None) -> int:
+    """--adapter ddpm|sd: load UNet + DDIM scheduler (sd: + VAE, text encoder), find (or on --resume reload)
+    h-space directions, save them to OUT/directions.safetensors, explain."""
+    from .adapters.diffusion import find_directions, labelled_images, resolve_direction_spec
     from .directions import Directions
     from .plugins import registry
 
+    cls = registry("adapters").get(args.adapter).factory
+    options = {"prompt": args.prompt or "a photograph", "guidance_scale": args.guidance_scale} if args.adapter == "sd" else {}
+    if args.adapter != "sd" and args.prompt is not None:
+        raise UsageError(f"--prompt: the {args.adapter} adapter is not text-conditioned (use --adapter sd)")
     if args.n_directions is not None and args.n_directions < 1:
         raise UsageError(f"--n-directions must be >= 1, got {args.n_directions}")
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     rows = registry("biases").get(args.bias).factory().rows
-    if rows > DDPMAdapter.max_rows:
+    if rows > cls.max_rows:
         raise UsageError(f"the {args.bias!r} bias compares {rows} rows with another latent clamped; h-space directions have no "
-                         "other latent to clamp: use --bias combination (the ddpm default) or conditional")
+                         f"other latent to clamp: use --bias combination (the {args.adapter} default) or conditional")
     try:
         if resolve_direction_spec(args.direction)[0] == "conditional":
+            if args.adapter == "sd":
+                raise ValueError("--direction conditional inverts the --data images, which the sd adapter cannot do; use pca, pullback or a file")
             labelled_images(data)  # needs --data with binary factors: refuse before loading the model
         try:
             scale = args.edit_scale if args.edit_scale == "auto" else float(args.edit_scale)
         except ValueError:
             raise ValueError(f"--edit-scale must be auto or a positive number, got {args.edit_scale!r}") from None
-        adapter = DDPMAdapter.from_pretrained(args.model, device=args.device, dtype=args.dtype or "float32", steps=args.steps,
-                                              t_edit=args.t_edit, site=args.site, scale=scale)
+        adapter = cls.from_pretrained(args.model, device=args.device, dtype=args.dtype or "float32", steps=args.steps,
+                                      t_edit=args.t_edit, site=args.site, scale=scale, **options)
         saved = Path(args.out) / "directions.safetensors"
         if args.resume and saved.is_file():
             directions = Directions.load(saved)
@@ -384,7 +393,7 @@ def _explain_ddpm(args: argparse.Namespace, checked: dict[str, Any], data: dict[
         raise UsageError(str(exc)) from None
     header = {"model": str(args.model), "data": str(args.data) if args.data else None,
               "directions": {"file": "directions.safetensors", "finder": directions.provenance.get("finder"), "count": len(directions)}}
-    return _explain(args, adapter, "ddpm", header, None, checked)
+    return _explain(args, adapter, args.adapter, header, None, checked)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -393,8 +402,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .run import latent_stats
 
     data = load_npz(args.data) if args.data else None
-    if args.adapter == "ddpm":
-        return _explain_ddpm(args, checked, data)
+    if args.adapter in ("ddpm", "sd"):
+        return _explain_diffusion(args, checked, data)
     from .adapters.vae import load_vae
 
     model_path = Path(args.model)
@@ -467,13 +476,13 @@ def cmd_make_data(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation.harness import cli_evaluate
 
-    return cli_evaluate(args, cmd_explain, build_parser)
+    return cli_evaluate(args, cmd_explain, build_parser, UsageError)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .evaluation.harness import cli_calibrate
 
-    return cli_calibrate(args)
+    return cli_calibrate(args, UsageError)
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:

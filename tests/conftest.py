@@ -6,6 +6,7 @@ os.environ.setdefault("LATENTEXPLAINER_NO_PLUGINS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("LATENTEXPLAINER_THRESHOLDS", "none")  # a developer's calibration file must not change tests
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

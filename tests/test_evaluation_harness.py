@@ -191,9 +191,9 @@ def _fake_evaluation(path, certs, labels, backend="offline"):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-eval")
-    np.savez(root / "data.npz", **make_dataset(96, ShapesSpec(size=16), seed=3))
-    code = main(["train-vae", "--data", str(root / "data.npz"), "--out", str(root / "model"), "--steps", "40",
-                 "--latents", "3", "--batch-size", "16", "--quiet"])
+    np.savez(root / "data.npz", **make_dataset(64, ShapesSpec(size=16), seed=3))
+    code = main(["train-vae", "--data", str(root / "data.npz"), "--out", str(root / "model"), "--steps", "8",
+                 "--latents", "3", "--batch-size", "8", "--quiet"])
     assert code == 0
     return root
 
@@ -335,7 +335,7 @@ def test_demo_model_meets_the_acceptance_target(tmp_path):
 
     if not (WEIGHTS_DIR / "model.safetensors").is_file():
         pytest.skip("demo weights not built")
-    ev = harness.evaluate(load_demo_model(), demo_data(), tmp_path / "demo", model_name="demo")
+    ev = harness.evaluate(load_demo_model(), demo_data(1000), tmp_path / "demo", model_name="demo")
     m = ev["metrics"]
     assert m["factor_accuracy"] >= 0.9, harness.summary_lines(ev)
     assert m["abstention_auroc"] >= 0.95, harness.summary_lines(ev)

@@ -221,7 +221,7 @@ def load_evaluation(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{p} cannot be read: {exc}") from None
     if not isinstance(data, dict) or data.get("schema") != "latentexplainer-evaluation" or not isinstance(data.get("latents"), list):
         raise ValueError(f"{p} is not an evaluation.json written by `latentexplainer evaluate`")
-    data["_path"] = str(p)
+    data["_path"] = str(p.resolve())
     return data
 
 

@@ -623,14 +623,18 @@ def summary_lines(ev: dict[str, Any]) -> list[str]:
     return lines
 
 
-def cli_evaluate(args: Any, explain_command: Any, build_parser: Any = None) -> int:
+def cli_evaluate(args: Any, explain_command: Any, build_parser: Any = None, usage_error: type | None = None) -> int:
     """``latentexplainer evaluate``: ``explain`` (same options, same run directory) then score it.
 
     ``explain_command`` is the CLI's ``cmd_explain``; ``build_parser`` (the CLI's) supplies the
     defaults of explain options that evaluate does not define, so the explain step sees exactly
-    the namespace ``latentexplainer explain`` would build."""
-    from ..cli import UsageError
+    the namespace ``latentexplainer explain`` would build. ``usage_error``: the CLI's UsageError
+    class (passed in: under ``python -m latentexplainer_plugin.cli`` the CLI module is
+    ``__main__``, whose class is not the one an import here would get)."""
     from ..data import load_npz
+
+    if usage_error is None:
+        from ..cli import UsageError as usage_error
 
     if build_parser is not None:
         base = build_parser().parse_args(["explain", "--model", str(args.model), "--out", str(args.out)])
@@ -640,9 +644,9 @@ def cli_evaluate(args: Any, explain_command: Any, build_parser: Any = None) -> i
         args.adapter = "vae"
 
     if getattr(args, "rank_by", None) or getattr(args, "top_k", None):
-        raise UsageError("--rank-by/--top-k: evaluate explains every latent (or --latents); ranking is not part of it")
+        raise usage_error("--rank-by/--top-k: evaluate explains every latent (or --latents); ranking is not part of it")
     if args.max_images is not None and args.max_images < 10:
-        raise UsageError(f"--max-images must be >= 10, got {args.max_images}")
+        raise usage_error(f"--max-images must be >= 10, got {args.max_images}")
     data = load_npz(args.data, need_factors=True)
     code = explain_command(args)
     if code not in (0, 1):
@@ -651,22 +655,24 @@ def cli_evaluate(args: Any, explain_command: Any, build_parser: Any = None) -> i
 
     model = load_vae(args.model, device="cpu", allow_pickle=getattr(args, "allow_pickle", False))
     if not hasattr(model, "encode"):
-        raise UsageError(f"--model {args.model}: evaluate needs a VAE with an encoder")
+        raise usage_error(f"--model {args.model}: evaluate needs a VAE with an encoder")
     ev = evaluate_run(args.out, model, data, data_path=str(args.data), max_images=args.max_images, seed=args.seed)
     print("\n".join(summary_lines(ev)))
     print(f"wrote {Path(args.out) / EVALUATION_JSON}, {EVALUATION_MD} and {ROC_PNG}")
     return code
 
 
-def cli_calibrate(args: Any) -> int:
+def cli_calibrate(args: Any, usage_error: type | None = None) -> int:
     """``latentexplainer calibrate --runs DIR [DIR ...] [--out FILE]``."""
-    from ..cli import UsageError
     from .calibration import calibrate_runs
+
+    if usage_error is None:
+        from ..cli import UsageError as usage_error
 
     try:
         report = calibrate_runs(args.runs, out=args.out)
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise usage_error(str(exc)) from None
     for backend, per in report["thresholds"].items():
         for sim, entry in per.items():
             h = entry["held_out"]
