@@ -8,8 +8,10 @@ Each is timed ``--repeats`` times, interleaved. Reported: the minimum wall time 
 other work on the machine), the median wall time, and the minimum CPU time of this process (all
 its threads; on a CPU shared with other jobs it is steadier than wall time). Ratios use minima.
 
-    python benchmarks/bench_diffusion.py                  # 64x64, channels 64,128,256, 10 steps
+    python benchmarks/bench_diffusion.py --threads 1      # 64x64, channels 64,128,256, 10 steps
     python benchmarks/bench_diffusion.py --device cuda --steps 50
+
+On a CPU shared with other jobs use --threads 1: spinning OpenMP threads otherwise add +-30% noise.
 """
 
 from __future__ import annotations

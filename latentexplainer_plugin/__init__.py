@@ -28,6 +28,8 @@ _EXPORTS = {
     "Explanation": "types",
     "Adapter": "adapters",
     "VAEAdapter": "adapters",
+    "DDPMAdapter": "adapters",
+    "StableDiffusionAdapter": "adapters",
     "Backend": "backends.base",
     "BackendError": "backends.base",
     "InductiveBias": "biases",

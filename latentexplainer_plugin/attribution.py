@@ -38,7 +38,8 @@ class LatentExplainer:
     Args:
         generator: an :class:`Adapter`, or a model (``nn.Module`` or directory) for ``adapter``.
         backend: ``"offline"`` (default), ``"openai:MODEL"``, ``"hf:PATH"`` or a Backend instance.
-        bias: inductive bias name or object (``disentanglement``, ``combination``, ``conditional``).
+        bias: inductive bias name or object (``disentanglement``, ``combination``, ``conditional``);
+            default: the adapter's ``default_bias`` (vae: disentanglement, ddpm/sd: combination).
         samples: n, the number of answers per latent.
         similarity: ``"embed"`` (sentence embeddings) or ``"bow"`` (the paper's bag of words).
         threshold: certainty below which the result is "no clear explanation". None: the threshold
@@ -51,7 +52,7 @@ class LatentExplainer:
         chunk_size: latents traversed and explained per round (results arrive per round).
     """
 
-    def __init__(self, generator: Any, backend: str | Backend = "offline", bias: str | InductiveBias = "disentanglement",
+    def __init__(self, generator: Any, backend: str | Backend = "offline", bias: str | InductiveBias | None = None,
                  samples: int = 5, similarity: str = "embed", threshold: float | None = None,
                  strengths: Sequence[float] = DEFAULT_STRENGTHS, seed: int = 0, adapter: str | None = None,
                  clamp: Any = None, context: dict[str, Any] | None = None, chunk_size: int = 16,
@@ -64,9 +65,11 @@ class LatentExplainer:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         self.strengths = check_strengths(strengths)
         self.similarity = get_similarity(similarity)
-        self.bias = get_bias(bias)
+        self.bias = get_bias(bias) if bias is not None else None  # checked before the model loads
         self.backend = get_backend(backend, **(backend_options or {}))
         self.adapter: Adapter = get_adapter(generator, adapter, **(adapter_options or {}))
+        if self.bias is None:
+            self.bias = get_bias(self.adapter.default_bias)
         self.samples, self.threshold, self.seed = samples, threshold, seed
         from .evaluation.calibration import resolve_threshold  # light: json and paths only
 

@@ -11,7 +11,9 @@ os.environ.setdefault("LATENTEXPLAINER_THRESHOLDS", "none")  # a developer's cal
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# One thread: with 2, torch's workers busy-wait whenever another process (a CLI subprocess,
+# chromium) shares the 2 cores, and small models get 10-100x slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,8 @@
 
 from .base import DEFAULT_STRENGTHS, Adapter, check_strengths
 from .diffusion import DDPMAdapter, load_ddpm
+from .stable_diffusion import StableDiffusionAdapter, load_stable_diffusion
 from .vae import VAEAdapter, load_vae
 
-__all__ = ["DEFAULT_STRENGTHS", "Adapter", "DDPMAdapter", "VAEAdapter", "check_strengths", "load_ddpm", "load_vae"]
+__all__ = ["DEFAULT_STRENGTHS", "Adapter", "DDPMAdapter", "StableDiffusionAdapter", "VAEAdapter", "check_strengths",
+           "load_ddpm", "load_stable_diffusion", "load_vae"]

@@ -29,6 +29,7 @@ class Adapter(ABC):
     """Turns (site, latent or direction, strengths) into a :class:`Traversal` of images."""
 
     name: ClassVar[str] = "adapter"
+    default_bias: ClassVar[str] = "disentanglement"  # the bias used when the caller names none
 
     @property
     @abstractmethod

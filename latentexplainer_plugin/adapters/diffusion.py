@@ -71,6 +71,18 @@ class SamplingLoop(nn.Module):
         self.scheduler.set_timesteps(self.steps)
         return [int(t) for t in self.scheduler.timesteps]
 
+    def unet_kwargs(self, n: int) -> dict[str, Any]:
+        """Extra UNet arguments for a batch of ``n`` (conditioning, in subclasses)."""
+        return {}
+
+    def model_output(self, x: torch.Tensor, t: Any) -> torch.Tensor:
+        """What the scheduler steps with: epsilon_theta(x_t, t) (guided, in subclasses)."""
+        return self.unet(self.scheduler.scale_model_input(x, t), t, return_dict=False, **self.unet_kwargs(len(x)))[0]
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Final sample -> image in [-1, 1] (identity for pixel-space models)."""
+        return x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sch = self.scheduler
         sch.set_timesteps(self.steps, device=x.device)  # also resets multistep schedulers' state
@@ -78,9 +90,8 @@ class SamplingLoop(nn.Module):
         extra = {"generator": torch.Generator(x.device).manual_seed(0)} if self._step_takes_generator else {}
         for t in sch.timesteps:
             # 1. epsilon_theta(x_t, t); 2. x_{t-1} from the scheduler's update (DDIM: Song et al. eq. 12)
-            out = self.unet(sch.scale_model_input(x, t), t, return_dict=False)[0]
-            x = sch.step(out, t, x, return_dict=False, **extra)[0]
-        return x
+            x = sch.step(self.model_output(x, t), t, x, return_dict=False, **extra)[0]
+        return self.decode(x)
 
 
 def _is_local(path: str | Path) -> bool:
@@ -165,6 +176,7 @@ class DDPMAdapter(Adapter):
     name = "ddpm"
     default_bias = "combination"  # one row per base: there is no other latent to clamp in h-space
     max_rows = 1
+    copies = 1  # how many times each image is in the UNet's batch (classifier-free guidance: 2)
 
     def __init__(self, model: Any, scheduler: Any = None, *, directions: Any = None, steps: int = 50,
                  t_edit: int | None = None, site: Site | str | None = None, scale: float | str = "auto",
@@ -199,7 +211,7 @@ class DDPMAdapter(Adapter):
         self.device = next(self.unet.parameters()).device
         self.dtype = next(self.unet.parameters()).dtype
         self.scheduler = scheduler
-        self.driver = SamplingLoop(self.unet, scheduler, steps).eval()
+        self.driver = self._make_driver(steps).eval()
         if isinstance(site, str):
             site = Site.parse(site)
         self.site = site or hook().latentexplainer_default_site(model=self.unet) or Site("mid_block", "output")
@@ -231,6 +243,10 @@ class DDPMAdapter(Adapter):
         self._scales: torch.Tensor | None = None
         if directions is not None:
             self.set_directions(directions)
+
+    def _make_driver(self, steps: int) -> nn.Module:
+        """The module whose forward(x_T) samples images; subclasses add guidance or a decoder."""
+        return SamplingLoop(self.unet, self.scheduler, steps)
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = "float32",
@@ -339,13 +355,20 @@ class DDPMAdapter(Adapter):
             stop = start + self.max_batch
             x = bases[start:stop].to(self.device, self.dtype)
             d = direction[start:stop] if per_item else direction
-            edit = Edit("add", strengths[start:stop], direction=d.to(self.device, self.dtype), calls=self.edit_calls)
-            expected = (len(x), *self.h_shape(tuple(x.shape[1:])))
+            a = strengths[start:stop]
+            if self.copies > 1:  # guidance: the UNet sees [x; x]; both halves get the same edit
+                a = a.repeat(self.copies)
+                d = d.repeat(self.copies, *([1] * (d.ndim - 1))) if per_item else d
+            edit = Edit("add", a, direction=d.to(self.device, self.dtype), calls=self.edit_calls)
+            expected = (self.copies * len(x), *self.h_shape(tuple(x.shape[1:])))
             out.append(run_with_edit(self.driver, self.site, edit, x, calls=self.n_calls, expected_shape=expected))
         return self._to_images(torch.cat(out))
 
     def capture_h(self, bases: torch.Tensor, window_only: bool = True) -> torch.Tensor:
-        """h at the site for every step (in the edit window), (n, steps, *h_shape), via ``hooks.capture``."""
+        """h at the site for every step (in the edit window), (n, steps, *h_shape), via ``hooks.capture``.
+
+        With guidance (``copies`` > 1) the conditional (last) copy of each image is kept.
+        """
         bases = self._check_bases(bases)
         chunks = []
         for chunk in bases.split(self.max_batch):
@@ -353,6 +376,7 @@ class DDPMAdapter(Adapter):
                 per_call = capture(self.driver, self.site, chunk.to(self.device, self.dtype), calls=self.n_calls)
             if window_only:
                 per_call = per_call[self.edit_calls]
+            per_call = [h[-len(chunk):] for h in per_call]  # the last copy: the conditional half under guidance
             chunks.append(torch.stack([h.float().cpu() for h in per_call], dim=1))
         return torch.cat(chunks)
 
@@ -404,7 +428,8 @@ class DDPMAdapter(Adapter):
         alpha = strengths.repeat(k * n)
         vectors = units[indices] * scales[indices].view(-1, *([1] * (units.ndim - 1)))
         direction = vectors[0] if k == 1 else vectors.repeat_interleave(n * s, dim=0)
-        images = self.sample_edited(x, alpha, direction).view(k, n, 1, s, *bases.shape[1:])
+        images = self.sample_edited(x, alpha, direction)
+        images = images.view(k, n, 1, s, *images.shape[1:])
         meta = {"site": str(self.site), "t_edit": self.t_edit, "steps": len(self.timesteps),
                 "edited_timesteps": self.timesteps[self.edit_calls]}
         return [

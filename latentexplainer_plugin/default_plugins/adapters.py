@@ -6,7 +6,9 @@ from ..hookspecs import hookimpl
 @hookimpl
 def latentexplainer_register_adapters(register):
     from ..adapters.diffusion import DDPMAdapter
+    from ..adapters.stable_diffusion import StableDiffusionAdapter
     from ..adapters.vae import VAEAdapter
 
     register("vae", VAEAdapter)
     register("ddpm", DDPMAdapter)
+    register("sd", StableDiffusionAdapter)

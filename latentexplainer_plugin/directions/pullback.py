@@ -10,7 +10,8 @@ An h-space edit (h <- h + alpha * u) uses u, so :func:`pullback` returns the u_i
 directions and keeps the v_i in ``x_vectors`` (saved next to them) with the singular values.
 
 The Jacobian is never formed. Subspace iteration on J^T J with Jacobian-vector products:
-1. x_t: sample x_T from ``seed`` and denoise down to the scheduled timestep closest to ``t``.
+1. x_t: sample x_T from ``seed`` and denoise down to the scheduled timestep closest to ``t``
+   (for a text-conditioned UNet, h is that of the prompt's pass).
 2. One forward pass of a batch of m = k + oversample copies of x_t, up to the site, keeping the
    graph. Row i of the batch only depends on copy i, so one backward pass with a batch of
    cotangents gives m products J^T u at once; J v comes from the double-backward trick
@@ -36,8 +37,11 @@ class _Stop(Exception):
     pass
 
 
-def site_function(unet: torch.nn.Module, module: torch.nn.Module, kind: str, t: int):
-    """``f(x_t) -> h``: run ``unet`` at timestep ``t`` up to ``module`` and return its output (or input)."""
+def site_function(unet: torch.nn.Module, module: torch.nn.Module, kind: str, t: int, unet_kwargs=None):
+    """``f(x_t) -> h``: run ``unet`` at timestep ``t`` up to ``module`` and return its output (or input).
+
+    ``unet_kwargs(n)`` gives extra UNet arguments for a batch of n (e.g. the prompt's embeddings).
+    """
 
     def f(x: torch.Tensor) -> torch.Tensor:
         found: list[torch.Tensor] = []
@@ -51,7 +55,7 @@ def site_function(unet: torch.nn.Module, module: torch.nn.Module, kind: str, t: 
         else:
             handle = module.register_forward_hook(lambda m, a, out: record(out))
         try:
-            unet(x, t, return_dict=False)
+            unet(x, t, return_dict=False, **(unet_kwargs(len(x)) if unet_kwargs is not None else {}))
         except _Stop:
             pass
         finally:
@@ -140,13 +144,12 @@ def _x_at(adapter: Any, t: int | None, seed: int) -> tuple[torch.Tensor, int]:
     t = timesteps[0] if t is None else int(t)
     index = min(range(len(timesteps)), key=lambda i: (abs(timesteps[i] - t), i))
     x = adapter.sample_bases(1, seed).to(adapter.device, adapter.dtype)
-    sch = adapter.scheduler
+    sch, loop = adapter.scheduler, adapter.driver
     with torch.no_grad():
-        sch.set_timesteps(adapter.driver.steps, device=x.device)
+        sch.set_timesteps(loop.steps, device=x.device)
         x = x * sch.init_noise_sigma
         for step in sch.timesteps[:index]:
-            out = adapter.unet(sch.scale_model_input(x, step), step, return_dict=False)[0]
-            x = sch.step(out, step, x, return_dict=False)[0]
+            x = sch.step(loop.model_output(x, step), step, x, return_dict=False)[0]
         x = sch.scale_model_input(x, sch.timesteps[index])
     return x, timesteps[index]
 
@@ -165,7 +168,7 @@ def pullback(adapter: Any, n_directions: int = 8, t: int | None = None, n_iter: 
         raise ValueError(f"n_iter must be an integer >= 1, got {n_iter!r}")
     x, t_used = _x_at(adapter, t, seed)
     module = resolve_module(adapter.driver, adapter.site.path)
-    f = site_function(adapter.unet, module, adapter.site.kind, t_used)
+    f = site_function(adapter.unet, module, adapter.site.kind, t_used, adapter.driver.unet_kwargs)
     u, s, v = top_singular(f, x, n_directions, n_iter=n_iter, oversample=oversample,
                            generator=torch.Generator().manual_seed(seed))
     return PullbackDirections(u, {
