@@ -29,6 +29,11 @@ class ShapesSpec:
     hue_range: tuple[float, float] = (0.0, 0.72)  # red .. blue, no wrap-around
     background_range: tuple[float, float] = (0.0, 0.45)
     ellipse_aspect: float = 0.5
+    saturation: float = 0.9  # object colour = HSV(hue, saturation, value)
+    value: float = 1.0
+    # background at height y (0 top, 1 bottom): clip(b * tint + gradient * (0.5 - y)), b the factor
+    tint: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    gradient: float = 0.0
 
 
 def sample_factors(n: int, spec: ShapesSpec = ShapesSpec(), seed: int = 0) -> np.ndarray:
@@ -83,6 +88,8 @@ def render(factors: np.ndarray, spec: ShapesSpec = ShapesSpec(), chunk: int = 20
     size = spec.size
     sub = (np.arange(size * 2) + 0.5) / (size * 2)  # 2x2 supersampling grid in [0,1]
     gy, gx = np.meshgrid(sub, sub, indexing="ij")
+    ramp = (spec.gradient * (0.5 - (np.arange(size) + 0.5) / size)).reshape(1, size, 1, 1)
+    tint = np.asarray(spec.tint, dtype=np.float64).reshape(1, 1, 1, 3)
     out = np.empty((len(factors), size, size, 3), dtype=np.uint8)
     for start in range(0, len(factors), chunk):
         f = factors[start : start + chunk]
@@ -98,8 +105,8 @@ def render(factors: np.ndarray, spec: ShapesSpec = ShapesSpec(), chunk: int = 20
             if sel.any():
                 mask[sel] = _inside(shape, u[sel], v[sel], s[sel], spec.ellipse_aspect)
         cover = mask.reshape(n, size, 2, size, 2).mean(axis=(2, 4))[..., None]
-        colour = np.array([colorsys.hsv_to_rgb(h, 0.9, 1.0) for h in f[:, 5]]).reshape(n, 1, 1, 3)
-        bg = f[:, 6].reshape(n, 1, 1, 1)
+        colour = np.array([colorsys.hsv_to_rgb(h, spec.saturation, spec.value) for h in f[:, 5]]).reshape(n, 1, 1, 3)
+        bg = np.clip(f[:, 6].reshape(n, 1, 1, 1) * tint + ramp, 0.0, 1.0)
         img = cover * colour + (1.0 - cover) * bg
         out[start : start + n] = np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
     return out
