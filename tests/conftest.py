@@ -29,3 +29,19 @@ def tiny_vae():
 
     torch.manual_seed(0)
     return ConvVAE(ConvVAEConfig(latent_dim=4, image_size=16, width=8, hidden=32)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_vae(tmp_path_factory):
+    """A directory with ``data.npz`` (64 shapes images, 16x16) and ``model/`` trained by ``train-vae`` (3 latents)."""
+    import numpy as np
+
+    from latentexplainer_plugin.cli import main
+    from latentexplainer_plugin.demo.shapes import ShapesSpec, make_dataset
+
+    root = tmp_path_factory.mktemp("tiny-vae")
+    np.savez(root / "data.npz", **make_dataset(64, ShapesSpec(size=16), seed=3))
+    code = main(["train-vae", "--data", str(root / "data.npz"), "--out", str(root / "model"),
+                 "--steps", "3", "--latents", "3", "--batch-size", "8", "--quiet"])
+    assert code == 0
+    return root

@@ -6,19 +6,12 @@ import numpy as np
 import pytest
 
 from latentexplainer_plugin.cli import main
-from latentexplainer_plugin.demo.shapes import ShapesSpec, make_dataset
 from latentexplainer_plugin.store import read_results
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    data = make_dataset(64, ShapesSpec(size=16), seed=3)
-    np.savez(root / "data.npz", **data)
-    code = main(["train-vae", "--data", str(root / "data.npz"), "--out", str(root / "model"),
-                 "--steps", "3", "--latents", "3", "--batch-size", "8", "--quiet"])
-    assert code == 0
-    return root
+def tiny_model(tiny_trained_vae):
+    return tiny_trained_vae
 
 
 def test_train_vae_writes_safetensors_and_config(tiny_model):

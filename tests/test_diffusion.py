@@ -19,16 +19,6 @@ from latentexplainer_plugin.store import read_results
 STEPS = 5  # timesteps 800, 600, 400, 200, 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on 2 cores shared with other jobs OpenMP's
-    spinning threads made these tests up to 100x slower (measured: 0.09 s vs 15.8 s for the same loop)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_unet(size=16, channels=(16, 32), seed=0):
     torch.manual_seed(seed)
     return UNet2DModel(sample_size=size, in_channels=3, out_channels=3, block_out_channels=channels, layers_per_block=1,

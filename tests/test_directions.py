@@ -15,16 +15,6 @@ from latentexplainer_plugin.plugins import register_plugin, registry, unregister
 STEPS = 4  # timesteps 750, 500, 250, 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on 2 cores shared with other jobs OpenMP's
-    spinning threads made these tests up to 100x slower (measured: 0.09 s vs 15.8 s for the same loop)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_adapter(size, channels, **options):
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=size, block_out_channels=channels, layers_per_block=1, norm_num_groups=8,

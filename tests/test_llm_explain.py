@@ -81,14 +81,8 @@ def server():
 
 
 @pytest.fixture(scope="module")
-def tiny_vae(tmp_path_factory):
-    from latentexplainer_plugin.demo.shapes import ShapesSpec, make_dataset
-
-    root = tmp_path_factory.mktemp("vae")
-    np.savez(root / "data.npz", **make_dataset(32, ShapesSpec(size=16), seed=3))
-    assert main(["train-vae", "--data", str(root / "data.npz"), "--out", str(root / "model"), "--steps", "2",
-                 "--latents", "3", "--batch-size", "8", "--quiet"]) == 0
-    return root / "model"
+def tiny_vae(tiny_trained_vae):
+    return tiny_trained_vae / "model"
 
 
 def run(tiny_vae, server, out: Path, *extra: str) -> int:
