@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -503,12 +505,18 @@ COMMANDS = {"demo": cmd_demo, "explain": cmd_explain, "train-vae": cmd_train_vae
             "make-data": cmd_make_data, "plugins": cmd_plugins, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate}
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM (a job scheduler, `kill`) ends a run like Ctrl-C: marked, resumable
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .backends.base import BackendError
     from .safe_load import LoadError
     from .store import RunStoreError
 
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         return COMMANDS[args.command](args)
     except (UsageError, LoadError, RunStoreError, BackendError) as exc:
@@ -520,6 +528,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = f" Finished latents are saved in {out}; rerun the same command with --resume to continue." if started else ""
         print(f"\nlatentexplainer {args.command}: interrupted.{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

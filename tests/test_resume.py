@@ -205,13 +205,14 @@ def test_sigkill_midway_then_resume(tiny, plugin_dir, slow_here, tmp_path):
     check_equals_reference(tiny, out)
 
 
-def test_sigint_exits_130_says_resume_then_resume(tiny, plugin_dir, slow_here, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_exits_130_says_resume_then_resume(tiny, plugin_dir, slow_here, tmp_path, signum):
     out = tmp_path / "run"
     log = slow_here
     proc = start_slow_run(tiny, out, plugin_dir, log)
     try:
         wait_for_first_latent(proc, out)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
