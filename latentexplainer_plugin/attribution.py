@@ -80,7 +80,8 @@ class LatentExplainer:
         if missing:
             raise ValueError(f"the {self.bias.name!r} bias needs context {missing} (e.g. context={{'property': 'smiling'}})")
 
-    def _targets(self, target: Target) -> list[int]:
+    def resolve_targets(self, target: Target) -> list[int]:
+        """Latent indices for ``target`` (int, list, or None = all); out-of-range indices raise IndexError."""
         if target is None:
             return list(range(self.adapter.n_latents))
         targets = [target] if isinstance(target, int) else list(target)
@@ -109,7 +110,7 @@ class LatentExplainer:
         ``on_result`` is called with each finished latent (the run store writes it at once);
         latents in ``skip`` are not computed (a resumed run already has them).
         """
-        targets = self._targets(target)
+        targets = self.resolve_targets(target)
         bases = self._bases(inputs)
         todo = [t for t in targets if t not in set(skip)]
         out: list[LatentResult] = []

@@ -311,7 +311,7 @@ def _explain(args: argparse.Namespace, model: Any, adapter: str | None, header: 
         )
         targets = checked["latents"]
         if targets is not None:
-            explainer._targets(targets)
+            explainer.resolve_targets(targets)
         from .ranking import cli_plan  # --rank-by/--score/--top-k, and the heat maps of the report
 
         targets, extras, ranked = cli_plan(explainer, args.out, getattr(args, "rank_by", None), getattr(args, "score", None),

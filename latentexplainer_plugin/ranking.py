@@ -567,7 +567,7 @@ def cli_plan(explainer: Any, out_dir: str, rank_by: str | None, score: str | Non
     if rank_by is None and score is None:
         return (list(targets) if targets is not None else None), heatmaps, {}
     ranking = rank_latents(explainer.adapter, score, rank_by or "IntegratedGradients", seed=explainer.seed)
-    allowed = set(explainer._targets(targets))
+    allowed = set(explainer.resolve_targets(targets))
     order = [i for i in ranking.order if i in allowed]
     order = order[:top_k] if top_k is not None else order
 

@@ -93,7 +93,7 @@ def explain_to_dir(explainer: LatentExplainer, out_dir: str | Path, *, target: A
         chunk_size = explainer.chunk_size if _runs_latents_concurrently(explainer.backend) else 1
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    targets = explainer._targets(target)  # bad targets fail before the run directory is touched
+    targets = explainer.resolve_targets(target)  # bad targets fail before the run directory is touched
     store = RunStore(out_dir, header, settings, resume=resume, force=force)
     started = time.perf_counter()
     saved_chunk = explainer.chunk_size
