@@ -32,6 +32,9 @@ HEATMAPS_DIR = "heatmaps"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
+VISIBLE_CHANGE = 2.0 / 255.0  # mean absolute change per pixel below which nothing is visible
+
+
 def safe_name(latent_id: str) -> str:
     """A file name for a latent id (``z3`` stays ``z3``; anything unusual becomes ``_``)."""
     name = _UNSAFE.sub("_", str(latent_id)).lstrip(".")
@@ -97,10 +100,12 @@ def heatmap_figure(traversal: Traversal, score: Any = None, score_name: str | No
     axes[0].imshow(image)
     axes[0].set_title(f"{traversal.latent_id} at {float(traversal.strengths[mid]):+g}", fontsize=9)
 
-    def draw(ax: Any, values: np.ndarray, title: str, **options: Any) -> None:
-        if float(np.abs(values).max()) <= 1e-12:  # captum cannot normalize an all-zero map
+    def draw(ax: Any, values: np.ndarray, title: str, floor: float = 1e-12, **options: Any) -> None:
+        # captum normalises every map to its own maximum, so a faint map would look as loud as a
+        # strong one: below ``floor`` it is drawn as "no visible change" instead
+        if float(np.abs(values).max()) <= floor:
             ax.imshow(np.ones_like(image))
-            ax.text(0.5, 0.5, "no change", ha="center", va="center", transform=ax.transAxes, fontsize=9)
+            ax.text(0.5, 0.5, "no visible change", ha="center", va="center", transform=ax.transAxes, fontsize=9)
             ax.set_title(title, fontsize=9)
             return
         with warnings.catch_warnings():
@@ -108,7 +113,9 @@ def heatmap_figure(traversal: Traversal, score: Any = None, score_name: str | No
             visualization.visualize_image_attr(values, plt_fig_axis=(fig, ax), use_pyplot=False, title=title, **options)
         ax.title.set_fontsize(9)
 
-    draw(axes[1], change[:, :, None], "where it changes", method="heat_map", sign="absolute_value", cmap="magma")
+    peak = float(np.abs(change).max())
+    draw(axes[1], change[:, :, None], f"where it changes (max {peak:.2f})", floor=VISIBLE_CHANGE,
+         method="heat_map", sign="absolute_value", cmap="magma")
     if attr is not None:
         draw(axes[2], attr, f"score '{name}' (IG)", method="blended_heat_map", sign="all", original_image=image,
              alpha_overlay=0.6)
