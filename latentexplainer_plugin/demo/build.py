@@ -12,7 +12,7 @@ from .shapes import make_dataset
 from .train import TrainConfig, train_vae
 
 DEMO_MODEL = ConvVAEConfig(latent_dim=10, image_size=64, channels=3)
-DEMO_TRAIN = TrainConfig(steps=6000, batch_size=128, lr=1e-3, beta=6.0, seed=DEMO_SEED, threads=1)  # 1 thread: bitwise reproducible anywhere
+DEMO_TRAIN = TrainConfig(steps=10000, batch_size=128, lr=1e-3, beta=6.0, seed=DEMO_SEED, threads=1)  # 1 thread: bitwise reproducible anywhere
 
 
 def build_demo(out: str | Path, steps: int | None = None, progress: bool = True) -> dict[str, Any]:
