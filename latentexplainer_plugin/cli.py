@@ -166,21 +166,12 @@ def check_reachable(url: str, timeout: float = 5.0) -> None:
 
 
 def check_device(device: str) -> str:
-    import torch
+    from .devices import check_device as check
 
     try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise UsageError(f"--device {device!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) (cuda:0..)")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {device}: MPS is not available on this machine; use --device cpu")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"--device {device!r}: supported device types are cpu, cuda and mps")
-    return device
+        return check(device, flag="--device")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _validate_explain(args: argparse.Namespace) -> dict[str, Any]:

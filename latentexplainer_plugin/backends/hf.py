@@ -30,6 +30,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from ..devices import check_device
 from ..types import Prompt, Response, Traversal
 from .base import Backend, BackendError
 from .responses import clean_response
@@ -69,20 +70,6 @@ def resolve_dtype(dtype: Any, device: str = "cpu") -> Any:
     if name is None:
         raise ValueError(f"dtype must be one of float32, float16, bfloat16 (or fp32, fp16, bf16), got {dtype!r}")
     return getattr(torch, name)
-
-
-def _check_device(device: str) -> str:
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device {device!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device}: CUDA is not available on this machine; use cpu")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {device}: MPS is not available on this machine; use cpu")
-    return str(device)
 
 
 def _looks_like_path(text: str) -> bool:
@@ -162,7 +149,7 @@ class HFBackend(Backend):
         if max_image_side < 16:
             raise ValueError(f"max_image_side must be >= 16 pixels, got {max_image_side!r}")
         self.path_or_id = str(path_or_id)
-        self.device = _check_device(device)
+        self.device = check_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.max_new_tokens = int(max_new_tokens)
         self.min_new_tokens = None if min_new_tokens is None else int(min_new_tokens)
