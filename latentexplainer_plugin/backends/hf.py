@@ -217,18 +217,9 @@ class HFBackend(Backend):
 
     # -- description ---------------------------------------------------------------------------
     def describe(self) -> dict:
-        return {
-            "name": self.name,
-            "model": self.path_or_id,
-            "architecture": type(self.model).__name__,
-            "device": self.device,
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "max_new_tokens": self.max_new_tokens,
-            "min_new_tokens": self.min_new_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "max_image_side": self.max_image_side,
-        }
+        settings = {k: v for k, v in self.sampling_params().items() if k != "revision"}
+        return {"name": self.name, "model": self.path_or_id, "architecture": type(self.model).__name__,
+                "device": self.device} | settings
 
     def sampling_params(self) -> dict:
         """What changes the answers (cache keys): sampling settings, dtype and the weights' fingerprint."""
