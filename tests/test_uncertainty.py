@@ -629,6 +629,9 @@ def test_claim_agreement_by_hand():
     # yellow->green and green->cyan both turn the hue the same way round the wheel
     assert claim_agreement([Claim("colour", None, "yellow", "green")], [Claim("colour", None, "green", "cyan")]) == 0.75
     assert claim_agreement([Claim("colour", None, "green", "yellow")], [Claim("colour", None, "green", "cyan")]) == 0.0
+    assert claim_agreement([blue_red], [Claim("colour", None, "blue", "orange")]) == 0.5  # neighbouring ends
+    assert claim_agreement([blue_red], [Claim("colour", None, "blue", "green")]) == 0.0  # opposite ways round the wheel
+    assert claim_agreement([blue_red], [Claim("colour", None, "blue", "white")]) == 0.25  # different, no order
 
 
 # ------------------------------------------------------------------------------------------------

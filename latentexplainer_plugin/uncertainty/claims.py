@@ -280,6 +280,9 @@ def _colour_score(a: Claim, b: Claim) -> float:
         return CONTRADICTION
     if a.end == b.end:
         return 1.0
+    ha, hb = HUES.get(a.end), HUES.get(b.end)
+    if ha is not None and hb is not None and abs((ha - hb + 180.0) % 360.0 - 180.0) <= 45.0:
+        return 0.5  # neighbouring end colours (red vs orange): probably one change, named differently
     sa, sb = _hue_step(a.start, a.end), _hue_step(b.start, b.end)
     if sa is not None and sb is not None:
         return 0.75 if (sa > 0) == (sb > 0) else CONTRADICTION
