@@ -284,12 +284,12 @@ def test_evaluate_cli_writes_the_documented_files_and_keys(evaluated):
     assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ev = json.loads((out / "evaluation.json").read_text())
     assert EVAL_KEYS <= set(ev) and ev["schema"] == "latentexplainer-evaluation"
-    assert ev["similarity"] == "bow" and ev["similarities"] == ["bow", "embed"] and ev["seed"] == 7
+    assert ev["similarity"] == "bow" and ev["similarities"] == ["bow", "agree", "embed"] and ev["seed"] == 7
     assert ev["backend"]["name"] == "offline" and ev["factor_names"] == list(FACTOR_NAMES)
     assert [e["id"] for e in ev["latents"]] == ["z0", "z1", "z2"]
     results = read_results(out / "results.json")
     for e, r in zip(ev["latents"], results["latents"]):
-        assert LATENT_KEYS <= set(e) and set(e["measures"]) == {"bow", "embed"}
+        assert LATENT_KEYS <= set(e) and set(e["measures"]) == {"bow", "agree", "embed"}
         assert e["label"] == (e["factor"] is not None)
         for m in e["measures"].values():
             assert MEASURE_KEYS <= set(m) and 0.0 <= m["certainty"] <= 1.0
@@ -297,7 +297,7 @@ def test_evaluate_cli_writes_the_documented_files_and_keys(evaluated):
         assert e["measures"]["bow"]["certainty"] == pytest.approx(r["certainty"], abs=1e-6)
         assert e["measures"]["bow"]["clear"] == r["clear"]
     m = ev["metrics"]
-    assert METRIC_KEYS <= set(m) and set(m["by_similarity"]) == {"bow", "embed"}
+    assert METRIC_KEYS <= set(m) and set(m["by_similarity"]) == {"bow", "agree", "embed"}
     for sim, b in m["by_similarity"].items():
         assert BY_SIM_KEYS <= set(b)
         assert len(b["cv"]["thresholds"]) == 3
@@ -309,7 +309,7 @@ def test_evaluate_cli_writes_the_documented_files_and_keys(evaluated):
     d = m["disentanglement"]
     assert set(d) >= {"mig", "dci", "sap", "n_images"} and set(d["dci"]) >= {"disentanglement", "completeness"}
     md = (out / "evaluation.md").read_text()
-    assert "factor_accuracy" in md and "| metric | bow | embed |" in md and "z2" in md
+    assert "factor_accuracy" in md and "| metric | bow | agree | embed |" in md and "z2" in md
 
 
 def test_evaluate_is_reproducible_with_a_fixed_seed(evaluated):

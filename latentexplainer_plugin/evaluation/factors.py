@@ -64,6 +64,26 @@ def discretize(x: np.ndarray, bins: int = 20) -> np.ndarray:
     return out[:, 0] if squeeze else out
 
 
+def histogram_discretize(x: np.ndarray, bins: int = 20) -> np.ndarray:
+    """Bin every column into ``bins`` equal-width bins between its min and max, whatever its number
+    of distinct values: disentanglement_lib's ``histogram_discretizer`` (the edges of
+    ``np.histogram(column, bins)``; the maximum falls into the last bin). Labels are ``0 .. bins-1``.
+
+    Unlike :func:`discretize`, a column with few distinct values is binned too (two values closer
+    than a bin width share a bin), as disentanglement_lib does for codes.
+    """
+    if bins < 2:
+        raise ValueError(f"bins must be >= 2, got {bins}")
+    arr = np.asarray(x, dtype=float)
+    squeeze = arr.ndim == 1
+    arr = _as_2d(arr, "x")
+    out = np.empty(arr.shape, dtype=np.int64)
+    for j in range(arr.shape[1]):
+        edges = np.histogram_bin_edges(arr[:, j], bins)
+        out[:, j] = np.digitize(arr[:, j], edges[1:-1], right=False)
+    return out[:, 0] if squeeze else out
+
+
 def mutual_info_matrix(codes: np.ndarray, factors: np.ndarray, bins: int = 20) -> np.ndarray:
     """``(D, K)`` matrix of mutual information (nats) between each code and each factor."""
     c, f = _check_pair(codes, factors)

@@ -44,6 +44,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "abstention_accuracy",
     "abstention_auroc",
+    "disentanglement_report",
     "evaluate",
     "evaluate_run",
     "factor_accuracy",
@@ -55,7 +56,7 @@ __all__ = [
 
 SCHEMA = "latentexplainer-evaluation"
 SCHEMA_VERSION = 1
-MEASURES = ("embed", "bow")
+MEASURES = ("agree", "embed", "bow")
 EVALUATION_JSON = "evaluation.json"
 EVALUATION_MD = "evaluation.md"
 ROC_PNG = "roc.png"
@@ -74,7 +75,7 @@ def _label(row: dict[str, Any]) -> bool:
 def factor_accuracy(rows: Sequence[dict[str, Any]]) -> float | None:
     """Share of active, factor-aligned latents whose explanation is clear and names the right
     factor; None when no latent is active and aligned."""
-    aligned = [r for r in rows if r.get("active", True) and r.get("factor") is not None]
+    aligned = [r for r in rows if r.get("active", True) and r.get("factor") is not None and not r.get("unjudgeable")]
     if not aligned:
         return None
     return sum(bool(r.get("clear")) and bool(r.get("correct")) for r in aligned) / len(aligned)
@@ -110,7 +111,7 @@ def abstention_accuracy(rows: Sequence[dict[str, Any]]) -> dict[str, float | Non
 def measure_rows(evaluation: dict[str, Any], measure: str, thresholds: Sequence[float] | float | None = None) -> list[dict[str, Any]]:
     """The flat rows of one evaluation under one measure. ``thresholds`` (one value, or one per
     latent) replaces the recorded threshold: ``clear`` is then recomputed as "a majority of the
-    answers explain something and certainty >= threshold"."""
+    answers explain something, certainty >= threshold and the image evidence is consistent"."""
     rows = []
     latents = evaluation["latents"]
     if thresholds is not None and not isinstance(thresholds, (int, float)):
@@ -121,10 +122,12 @@ def measure_rows(evaluation: dict[str, Any], measure: str, thresholds: Sequence[
         m = e["measures"][measure]
         row = {"id": e["id"], "label": e["label"], "active": e["active"], "factor": e["factor"],
                "certainty": m["certainty"], "clear": m["clear"], "correct": m["correct"],
-               "explains": m["candidate"] is not None}
+               "explains": m["candidate"] is not None, "unjudgeable": e.get("unjudgeable"),
+               "evidence_consistent": e.get("evidence_consistent", True)}
         if thresholds is not None:
             t = thresholds if isinstance(thresholds, (int, float)) else thresholds[i]
-            row["clear"] = bool(row["explains"] and row["certainty"] is not None and row["certainty"] >= t)
+            row["clear"] = bool(row["explains"] and row["certainty"] is not None and row["certainty"] >= t
+                                and row["evidence_consistent"])
         rows.append(row)
     return rows
 
@@ -145,7 +148,9 @@ def _round(x: float | None, nd: int = 4) -> float | None:
 
 
 def _responses(entry: dict[str, Any]) -> list[Response]:
-    return [Response(text=r.get("text"), error=r.get("error"), abstained=bool(r.get("abstained")))
+    # the claims recorded with each answer (structured ones from the backend, or parsed) are kept
+    return [Response(text=r.get("text"), error=r.get("error"), abstained=bool(r.get("abstained")),
+                     meta={"claims": r["claims"]} if isinstance(r.get("claims"), list) else {})
             for r in entry.get("responses") or []]
 
 
@@ -166,13 +171,37 @@ def _score(entry: dict[str, Any], measure: Any) -> tuple[float | None, str | Non
 _JUDGES: dict[tuple[str, ...], Any] = {}
 
 
-def _judge_for(names: Sequence[str]) -> Any:
-    from .judge import FactorJudge
+def _judge_for(names: Sequence[str], factors: np.ndarray | None = None,
+               level_names: dict[str, list[str]] | None = None) -> Any:
+    """A judge for these factors (cached): factors with few levels and named levels are described
+    by them, so any factor names can be judged (``judge.describe_factor``)."""
+    from .judge import MAX_LEVELS, FactorJudge
 
-    key = tuple(names)
+    values: dict[str, np.ndarray] = {}
+    if factors is not None:
+        for k, name in enumerate(names):
+            levels = np.unique(np.asarray(factors)[:, k])
+            if len(levels) <= MAX_LEVELS:
+                values[name] = levels
+    levels = {n: list(v) for n, v in (level_names or {}).items() if n in names}
+    key = (tuple(names), tuple((n, tuple(v.tolist())) for n, v in values.items()),
+           tuple((n, tuple(v)) for n, v in levels.items()))
     if key not in _JUDGES:
-        _JUDGES[key] = FactorJudge(key)
+        _JUDGES[key] = FactorJudge(list(names), factor_values=values, level_names=levels)
     return _JUDGES[key]
+
+
+def _level_names(data: Any, names: Sequence[str], data_path: str | None = None) -> dict[str, list[str]]:
+    """``<factor>_names`` arrays (e.g. ``shape_names``: the names of a factor's levels) of the data
+    dict, else of the npz at ``data_path`` (``data.load_npz`` keeps only images and factors)."""
+    found = {n: data[f"{n}_names"] for n in names if isinstance(data, dict) and f"{n}_names" in data}
+    if not found and data_path and Path(data_path).suffix == ".npz" and Path(data_path).is_file():
+        try:
+            with np.load(data_path, allow_pickle=False) as f:
+                found = {n: f[f"{n}_names"] for n in names if f"{n}_names" in f.files}
+        except (ValueError, OSError):  # unreadable extras: describe the factors from names and values
+            found = {}
+    return {n: [str(x) for x in np.asarray(v).reshape(-1)] for n, v in found.items()}
 
 
 def _subsample(data: dict[str, Any], max_images: int | None, seed: int) -> dict[str, Any]:
@@ -271,9 +300,10 @@ def evaluate_run(run_dir: str | Path, model: Any, data: dict[str, Any], *, data_
     run_dir = Path(run_dir)
     results = read_results(run_dir / "results.json")
     settings = results.get("settings") or {}
+    level_names = _level_names(data, _check_data(data)["factor_names"], data_path)
     data = _subsample(_check_data(data), max_images, seed)
     names = data["factor_names"]
-    run_sim = str(settings.get("similarity", "embed"))
+    run_sim = str(settings.get("similarity", "agree"))
     sims = [run_sim] + [s for s in dict.fromkeys(similarities) if s != run_sim]  # the run's measure first
     backend = results.get("backend") or settings.get("backend") or {}
     backend_name = str(backend.get("name", "unknown"))
@@ -307,17 +337,22 @@ def evaluate_run(run_dir: str | Path, model: Any, data: dict[str, Any], *, data_
             "factor_scores": {k: _round(v) for k, v in match.scores.items()},
             "label": match.factor is not None,
             "explanation": entry.get("explanation") if entry.get("clear") else None,
+            # the image side: a traversal without a consistent change is never clear (runs written
+            # before evidence was recorded count as consistent)
+            "evidence_consistent": bool((entry.get("evidence") or {}).get("consistent", True)),
             "measures": {},
         }
         for sim in sims:
             cert, cand = _score(entry, measures[sim])
             t = thresholds[sim][0]
             rec["measures"][sim] = {"certainty": _round(cert, 6), "candidate": cand,
-                                    "clear": bool(cand is not None and cert is not None and cert >= t)}
+                                    "clear": bool(cand is not None and cert is not None and cert >= t
+                                                  and rec["evidence_consistent"])}
         latents.append(rec)
     t_scores = time.perf_counter()
 
-    judge = judge or _judge_for(names)
+    judge = judge or _judge_for(names, data["factors"], level_names)
+    unjudgeable: dict[str, str] = dict(getattr(judge, "unjudgeable", {}) or {})
     texts = sorted({m["candidate"] for e in latents for m in e["measures"].values() if m["candidate"]})
     verdicts = dict(zip(texts, judge.judge_many(texts))) if texts else {}
     for e in latents:
@@ -325,7 +360,10 @@ def evaluate_run(run_dir: str | Path, model: Any, data: dict[str, Any], *, data_
             v = verdicts.get(m["candidate"]) if m["candidate"] else None
             m["judged"] = v.to_json() if v is not None else None
             m["named_factor"] = v.factor if v is not None else None
-            m["correct"] = None if (v is None or e["factor"] is None) else bool(v.names(e["factor"]))
+            m["correct"] = None if (v is None or e["factor"] is None or e["factor"] in unjudgeable) \
+                else bool(v.names(e["factor"]))
+        if e["factor"] in unjudgeable:  # counted apart, never a silent miss
+            e["unjudgeable"] = unjudgeable[e["factor"]]
         run_m = e["measures"][run_sim]
         e |= {"certainty": run_m["certainty"], "clear": run_m["clear"], "named_factor": run_m["named_factor"],
               "correct": run_m["correct"]}
@@ -349,6 +387,8 @@ def evaluate_run(run_dir: str | Path, model: Any, data: dict[str, Any], *, data_
         "n_failed": sum(e["status"] != "ok" for e in latents),
         "n_active": sum(e["active"] for e in latents),
         "n_aligned": sum(e["label"] for e in latents),
+        "n_unjudgeable": sum(bool(e.get("unjudgeable")) and e["active"] for e in latents),
+        "unjudgeable_factors": unjudgeable,
         "factor_accuracy": by_sim[run_sim]["factor_accuracy"],
         "abstention_auroc": by_sim[run_sim]["auroc"],
         "by_similarity": by_sim,
@@ -373,26 +413,40 @@ def evaluate_run(run_dir: str | Path, model: Any, data: dict[str, Any], *, data_
 
 def _disentanglement(model: Any, data: dict[str, Any]) -> dict[str, Any]:
     from ..demo.train import encode_means
-    from .disentanglement import dci, mig, sap
 
-    codes = encode_means(model, data["images"])
-    factors = data["factors"]
-    out: dict[str, Any] = {"n_images": int(len(codes))}
-    for name, fn in (("mig", lambda: mig(codes, factors)), ("dci", lambda: dci(codes, factors)),
-                     ("sap", lambda: sap(codes, factors))):
+    return disentanglement_report(encode_means(model, data["images"]), data["factors"], data["factor_names"])
+
+
+def disentanglement_report(codes: np.ndarray, factors: np.ndarray, factor_names: Sequence[str]) -> dict[str, Any]:
+    """MIG, DCI and SAP under disentanglement_lib's protocol (``evaluation.disentanglement``), as
+    written to evaluation.json: a score is a number, or ``None`` with its reason in
+    ``not_meaningful`` (e.g. a single factor); a metric that could not be computed at all is
+    ``{"unavailable": true, "reason": ...}``."""
+    from .disentanglement import dci, infer_discrete, mig, sap
+
+    factors = np.asarray(factors, dtype=np.float64)
+    flags = infer_discrete(factors)
+    out: dict[str, Any] = {"protocol": "disentanglement_lib", "n_images": int(len(codes)),
+                           "discrete_factors": [n for n, d in zip(factor_names, flags) if d],
+                           "continuous_factors": [n for n, d in zip(factor_names, flags) if not d]}
+    not_meaningful: dict[str, str] = {}
+    for name, fn in (("mig", mig), ("dci", dci), ("sap", sap)):
         try:
-            values = fn()
-        except ValueError as exc:  # e.g. constant factors in a tiny dataset
+            result = fn(codes, factors, flags)
+        except ValueError as exc:  # e.g. every factor constant in a tiny dataset
             out[name] = {"unavailable": True, "reason": str(exc)}
             continue
-        out[name] = values[name] if name in values else {k: _round(v) for k, v in values.items()}
-        if not isinstance(out[name], dict):
-            out[name] = _round(out[name])
+        values = {k: _round(v) for k, v in result.items()}
+        out[name] = values[name] if name in values else values
+        if result.reason:
+            not_meaningful[name] = result.reason
+    if not_meaningful:
+        out["not_meaningful"] = not_meaningful
     return out
 
 
 def evaluate(model: Any, data: dict[str, Any] | str | Path, out_dir: str | Path, *, backend: Any = "offline",
-             samples: int = 5, similarity: str = "embed", threshold: float | None = None, seed: int = 0,
+             samples: int = 5, similarity: str = "agree", threshold: float | None = None, seed: int = 0,
              bias: str = "disentanglement", resume: bool = False, force: bool = False, progress: bool = False,
              backend_options: dict[str, Any] | None = None, max_images: int | None = 5000,
              model_name: str | None = None, **kwargs: Any) -> dict[str, Any]:
@@ -492,6 +546,11 @@ def _fmt(x: Any, nd: int = 3) -> str:
     return str(x)
 
 
+def _dis_score(not_meaningful: dict[str, str], metric: str, x: Any) -> str:
+    """A disentanglement score as text: "not meaningful" when it is None for a recorded reason."""
+    return "not meaningful" if x is None and metric in not_meaningful else _fmt(x)
+
+
 def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -506,6 +565,8 @@ def markdown(ev: dict[str, Any]) -> str:
              f"bias {ev.get('bias')}",
              f"- run similarity: {ev['similarity']}, threshold {ev['threshold']:.3f} ({ev['threshold_source']})",
              f"- latents: {m['n_latents']} ({m['n_active']} active, {m['n_aligned']} capture a factor, {m['n_failed']} failed)",
+             *([f"- unjudgeable factors ({m.get('n_unjudgeable', 0)} active latents capture one; left out of "
+                f"factor_accuracy): " + "; ".join(m["unjudgeable_factors"].values())] if m.get("unjudgeable_factors") else []),
              "", "## Headline", "",
              f"- factor_accuracy: {_fmt(m['factor_accuracy'])}",
              f"- abstention_auroc: {_fmt(m['abstention_auroc'])}", "",
@@ -554,11 +615,17 @@ def markdown(ev: dict[str, Any]) -> str:
     d = m.get("disentanglement")
     if d:
         dci = d.get("dci") or {}
-        lines += ["", f"## Disentanglement of the model ({d.get('n_images')} images)", "",
+        nm = d.get("not_meaningful") or {}
+        lines += ["", f"## Disentanglement of the model ({d.get('n_images')} images, "
+                      f"{d.get('protocol', 'disentanglement_lib')} protocol)", "",
                   "| MIG | DCI disentanglement | DCI completeness | DCI informativeness | SAP |", "|---|---|---|---|---|",
-                  "| " + " | ".join(_cell(_fmt(x)) for x in (
-                      d.get("mig"), dci.get("disentanglement") if "unavailable" not in dci else dci,
-                      dci.get("completeness"), dci.get("informativeness"), d.get("sap"))) + " |"]
+                  "| " + " | ".join(_cell(c) for c in (
+                      _dis_score(nm, "mig", d.get("mig")),
+                      _dis_score(nm, "dci", dci.get("disentanglement")) if "unavailable" not in dci else _fmt(dci),
+                      _dis_score(nm, "dci", dci.get("completeness")), _fmt(dci.get("informativeness")),
+                      _dis_score(nm, "sap", d.get("sap")))) + " |"]
+        if nm:
+            lines += [""] + [f"- {metric.upper()} not meaningful: {reason}" for metric, reason in nm.items()]
     lines += ["", "Metric definitions: docs/evaluation.md. ROC curves: roc.png.", ""]
     return "\n".join(lines)
 
@@ -619,7 +686,13 @@ def summary_lines(ev: dict[str, Any]) -> list[str]:
     d = m.get("disentanglement") or {}
     if d:
         dci = d.get("dci") if isinstance(d.get("dci"), dict) else {}
-        lines.append(f"  model: MIG {_fmt(d.get('mig'))}  DCI-D {_fmt(dci.get('disentanglement'))}  SAP {_fmt(d.get('sap'))}")
+        nm = d.get("not_meaningful") or {}
+        lines.append(f"  model: MIG {_dis_score(nm, 'mig', d.get('mig'))}  DCI-D {_dis_score(nm, 'dci', dci.get('disentanglement'))}  "
+                     f"SAP {_dis_score(nm, 'sap', d.get('sap'))}")
+        lines += [f"  {metric.upper()} not meaningful: {reason}" for metric, reason in nm.items()]
+    if m.get("unjudgeable_factors"):
+        lines.append(f"  unjudgeable factors ({m.get('n_unjudgeable', 0)} active latents, not counted in factor_accuracy): "
+                     + "; ".join(m["unjudgeable_factors"].values()))
     return lines
 
 

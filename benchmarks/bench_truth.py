@@ -1,0 +1,204 @@
+"""Does "clear" mean something? False-clear rates on models whose latents mean nothing, and
+thresholds calibrated on some model families and tested on another, in one run.
+
+Families (offline explainer, 5 answers per latent, default measure ``agree``):
+  demo           the shipped beta-TCVAE: latents that capture a factor are positives, the rest negatives
+  VAE models     any ``train-vae`` directory with an npz of factors (``--vae NAME=MODEL_DIR:DATA.npz``)
+  random-vae     the demo architecture with random weights (seeded): every latent negative
+  collapsed-vae  the demo model whose decoder ignores z (its first layer's weights zeroed): negatives
+  random-unet-S  random-weight diffusers UNet2DModel, S x S pixels, 10 DDIM steps, 6 PCA directions of
+                 h-space: negatives (pure-noise images)
+
+Per family: latents, positives, clear, false-clear rate (clear negatives / negatives), factor-aligned
+latents named clearly, and how many latents the image evidence alone rejects. Then leave one family
+out: the certainty threshold is fitted (balanced accuracy, ``calibrate_threshold``) on the other
+families and applied to the held-out one.
+
+    python benchmarks/bench_truth.py                      # about 10 minutes on a 2-core CPU
+    python benchmarks/bench_truth.py --sizes 16 --quick   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+SIMILARITY = "agree"
+
+
+@dataclass
+class Row:
+    family: str
+    latent: str
+    label: bool  # the latent captures a ground-truth factor
+    certainty: float | None
+    text_clear: bool  # the answers agree (certainty >= threshold and most answers explain something)
+    explains: bool  # most valid answers explain something (do not abstain)
+    consistent: bool  # the image evidence shows a consistent change
+    clear: bool
+    explanation: str | None
+    factor: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def rows_from(family: str, results: Any, labels: dict[int, tuple[bool, str | None]]) -> list[Row]:
+    out = []
+    for r in results:
+        ev = r.evidence
+        consistent = bool(getattr(ev, "consistent", True)) if ev is not None else True
+        label, factor = labels.get(r.index, (False, None))
+        valid = [x for x in r.responses if x.ok]
+        explains = sum(not x.abstained for x in valid) > len(valid) / 2
+        text_clear = explains and r.certainty is not None and r.certainty >= results.info["threshold"]
+        out.append(Row(family, r.id, label, r.certainty, bool(text_clear), bool(explains), consistent,
+                       bool(r.clear), r.explanation, factor))
+    return out
+
+
+def vae_family(name: str, model: Any, data: dict | None, samples: int) -> list[Row]:
+    from latentexplainer_plugin import LatentExplainer
+    from latentexplainer_plugin.run import KL_ACTIVE, latent_stats
+
+    labels: dict[int, tuple[bool, str | None]] = {}
+    clamp = None
+    if data is not None:
+        stats = latent_stats(model, data["images"], data["factors"], data["factor_names"])
+        for i, m in enumerate(stats.factors):
+            labels[i] = (bool(stats.kl[i] > KL_ACTIVE and m.factor is not None), m.factor)
+        from latentexplainer_plugin.attribution import most_active_other
+
+        clamp = most_active_other(stats.kl)
+    explainer = LatentExplainer(model, backend="offline", samples=samples, similarity=SIMILARITY, clamp=clamp)
+    return rows_from(name, explainer.attribute(), labels)
+
+
+def random_unet_family(size: int, samples: int, n_directions: int, seed: int = 0) -> list[Row]:
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    from latentexplainer_plugin import DDPMAdapter, LatentExplainer
+    from latentexplainer_plugin.directions.pca import pca
+
+    torch.manual_seed(seed)
+    channels = (32, 64) if size <= 32 else (32, 64, 64)
+    unet = UNet2DModel(sample_size=size, in_channels=3, out_channels=3, block_out_channels=channels,
+                       layers_per_block=1, norm_num_groups=8, down_block_types=("DownBlock2D",) * len(channels),
+                       up_block_types=("UpBlock2D",) * len(channels)).eval()
+    adapter = DDPMAdapter(unet, DDIMScheduler(num_train_timesteps=1000), steps=10, t_edit=500, scale="auto")
+    adapter.set_directions(pca(adapter, n_directions=n_directions, n_samples=16, seed=seed))
+    explainer = LatentExplainer(adapter, backend="offline", samples=samples, similarity=SIMILARITY)
+    return rows_from(f"random-unet-{size}", explainer.attribute(), {})
+
+
+def collapsed(model: Any) -> Any:
+    """A copy of ``model`` whose decoder ignores z: its first layer that reads z has zero weights."""
+    import copy
+
+    model = copy.deepcopy(model)
+    for module in model.decoder.modules() if hasattr(model, "decoder") else model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            with torch.no_grad():
+                module.weight.zero_()
+            return model
+    raise ValueError("found no layer to zero")
+
+
+def randomized(model: Any, seed: int) -> Any:
+    import copy
+
+    model = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if hasattr(module, "reset_parameters") and module is not model:
+            module.reset_parameters()
+    return model.eval()
+
+
+def summary(rows: list[Row]) -> None:
+    print(f"{'family':16s} {'latents':>7s} {'pos':>4s} {'clear':>5s} {'false-clear':>11s} {'pos clear':>9s} "
+          f"{'evidence rejects':>16s} {'text clear':>10s}")
+    for fam in dict.fromkeys(r.family for r in rows):
+        rs = [r for r in rows if r.family == fam]
+        neg = [r for r in rs if not r.label]
+        pos = [r for r in rs if r.label]
+        fc = sum(r.clear for r in neg)
+        print(f"{fam:16s} {len(rs):7d} {len(pos):4d} {sum(r.clear for r in rs):5d} "
+              f"{fc:4d}/{len(neg):<3d} ({fc / max(1, len(neg)):.2f}) {sum(r.clear for r in pos):4d}/{len(pos):<4d} "
+              f"{sum(not r.consistent for r in rs):16d} {sum(r.text_clear for r in rs):10d}")
+
+
+def leave_one_family_out(rows: list[Row], default: float) -> None:
+    from latentexplainer_plugin.uncertainty import calibrate_threshold
+
+    print(f"\nleave one family out (threshold on certainty, fitted on the other families; clear also needs the evidence):")
+    print(f"{'held out':16s} {'threshold':>9s} {'fitted on':>9s} {'false-clear':>11s} {'pos clear':>9s}")
+    for fam in dict.fromkeys(r.family for r in rows):
+        train = [r for r in rows if r.family != fam and r.certainty is not None]
+        test = [r for r in rows if r.family == fam]
+        labels = [r.label for r in train]
+        if all(labels) or not any(labels):
+            t, source = default, "default"
+        else:
+            t, source = calibrate_threshold([r.certainty for r in train], labels), f"{len(train)}"
+        pred = [bool(r.explains and r.certainty is not None and r.certainty >= t and r.consistent) for r in test]
+        neg = [p for p, r in zip(pred, test) if not r.label]
+        pos = [p for p, r in zip(pred, test) if r.label]
+        print(f"{fam:16s} {t:9.3f} {source:>9s} {sum(neg):4d}/{len(neg):<3d} ({sum(neg) / max(1, len(neg)):.2f}) "
+              f"{sum(pos):4d}/{len(pos):<4d}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="16,32,64", help="random UNet image sizes")
+    p.add_argument("--samples", type=int, default=5)
+    p.add_argument("--directions", type=int, default=6, help="PCA directions per random UNet")
+    p.add_argument("--vae", action="append", default=[], help="NAME=MODEL_DIR:DATA.npz, a trained VAE with factors")
+    p.add_argument("--quick", action="store_true", help="fewer directions and only the demo families")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    from latentexplainer_plugin import load_demo_model
+    from latentexplainer_plugin.demo import demo_data
+    from latentexplainer_plugin.uncertainty import get_similarity
+
+    t0 = time.perf_counter()
+    demo = load_demo_model()
+    data = demo_data(1000)
+    rows: list[Row] = []
+    timing = {}
+    for name, model, d in (("demo", demo, data), ("random-vae", randomized(demo, 1), None),
+                           ("collapsed-vae", collapsed(demo), None)):
+        t = time.perf_counter()
+        rows += vae_family(name, model, d, args.samples)
+        timing[name] = time.perf_counter() - t
+    for spec in args.vae:
+        from latentexplainer_plugin.adapters.vae import load_vae
+        from latentexplainer_plugin.data import load_npz
+
+        name, _, rest = spec.partition("=")
+        model_dir, _, npz = rest.rpartition(":")
+        t = time.perf_counter()
+        rows += vae_family(name, load_vae(model_dir), load_npz(npz, need_factors=True), args.samples)
+        timing[name] = time.perf_counter() - t
+    for size in [int(s) for s in args.sizes.split(",") if s]:
+        t = time.perf_counter()
+        rows += random_unet_family(size, args.samples, 3 if args.quick else args.directions)
+        timing[f"random-unet-{size}"] = time.perf_counter() - t
+    print(f"measure {SIMILARITY}, threshold {get_similarity(SIMILARITY).default_threshold}, offline explainer, "
+          f"{args.samples} answers per latent\n")
+    summary(rows)
+    leave_one_family_out(rows, get_similarity(SIMILARITY).default_threshold)
+    clear_neg = [r for r in rows if r.clear and not r.label]
+    if clear_neg:
+        print("\nclear negatives:")
+        for r in clear_neg:
+            print(f"  {r.family} {r.latent} [{r.certainty:.2f}] {r.explanation}")
+    print("\nseconds per family: " + ", ".join(f"{k} {v:.0f}" for k, v in timing.items())
+          + f"; total {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
