@@ -32,7 +32,7 @@ def test_demo_explains_every_latent(demo_run):
     assert code == 0
     assert len(data["latents"]) == 10 and all(e["status"] == "ok" for e in data["latents"])
     assert (out / "report.html").is_file()
-    assert data["settings"]["similarity"] == "embed" and data["settings"]["samples"] == 5
+    assert data["settings"]["similarity"] == "agree" and data["settings"]["samples"] == 5
 
 
 def test_active_latents_name_their_factor_and_collapsed_ones_abstain(demo_run):

@@ -231,3 +231,90 @@ def test_report_renders_in_headless_chromium(tmp_path):
     pixels = np.asarray(image.convert("L"), dtype=float)
     assert pixels.std() > 10, "the screenshot is blank"
     assert (pixels < 128).mean() > 0.005  # text and images drew dark pixels
+
+
+# -- why: the latent table, image evidence, named attributes, labelled strips ------------------------
+
+def _evidence(consistent=True, visible=True):
+    return {"change": 0.1 if visible else 0.002, "between": 0.17, "ratio": 0.58 if visible else 0.01,
+            "consistency": 0.99 if consistent else 0.04, "significance": 6.7 if consistent else 0.3,
+            "descriptor_agreement": 0.99, "map_agreement": 0.3, "strips": 10, "visible": visible,
+            "consistent": consistent and visible, "strip_changes": [0.1] * 10,
+            "reason": "consistent change" if consistent and visible else
+            ("inconsistent: the change differs between bases and rows" if visible else "no visible change: <b>x</b>")}
+
+
+def test_latent_table_comes_first_and_says_why():
+    data = results_data(evidence=_evidence())
+    data["latents"][0]["evidence"] = _evidence(consistent=False)  # z1: visible but inconsistent
+    text = render_report(data)
+    table = text[text.index("<table class='latents'>"):text.index("</table>")]
+    assert text.index("<table class='latents'>") < text.index("<table class='summary'>") < text.index("<section")
+    rows = table.split("<tr>")[2:]  # header, then z0, z1, z2 in rank order
+    assert "href='#latent-z0'" in rows[0] and "the square moves right" in rows[0] and "0.82" in rows[0]
+    assert "consistent (0.99)" in rows[0] and "x position" in rows[0]
+    assert "no clear explanation" in rows[1] and "inconsistent (0.04)" in rows[1] and "0.12" in rows[1]
+    assert "failed: backend down" in rows[2]
+    # the unclear card says why: the images disagree, not the answers
+    card = text[text.index("id='latent-z1'"):text.index("</section>", text.index("id='latent-z1'"))]
+    assert "No clear explanation: the images change differently from base to base." in card
+    assert "images: changes, but not consistently" in card and "agreement 0.04 over 10 strips" in card
+
+
+def test_evidence_numbers_and_bars_are_shown_and_escaped():
+    text = render_report(results_data(evidence=_evidence()))
+    card = text[text.index("id='latent-z0'"):]
+    assert "images: consistent" in card and "change 0.100 (0.58 of the variation between bases; needs 0.05)" in card
+    assert "agreement 0.99 over 10 strips (z 6.7; needs 3)" in card and card.count("class='bar small'") == 2
+    evil = _evidence(visible=False) | {"reason": EVIL}
+    text = render_report(results_data(evidence=evil))
+    assert EVIL not in text and "&lt;script&gt;" in text
+
+
+def test_no_heat_map_where_nothing_visibly_changes(tmp_path):
+    text = render_report(results_data(evidence=_evidence(visible=False)))
+    assert "heatmaps/z0.png" not in text and "No heat map: the images do not change visibly" in text
+    assert "heatmaps/z0.png" in render_report(results_data(evidence=_evidence()))
+    # the writer does not draw one either
+    from latentexplainer_plugin.evidence import traversal_evidence
+
+    still = Traversal("z1", torch.full((5, 1, 3, 3, 16, 16), 0.5), torch.tensor([-1.0, 0.0, 1.0]), "set")
+    result = LatentResult("z1", 1, "ok", traversal=still, evidence=traversal_evidence(still))
+    assert HeatmapWriter(tmp_path)(result) == {} and not (tmp_path / "heatmaps" / "z1.png").exists()
+
+
+def test_each_answer_shows_the_attribute_it_names():
+    r = LatentResult("z0", 0, "ok", responses=[Response("it moves right", meta={"attribute": "x position"}),
+                                               Response("it gets red", meta={"attribute": EVIL}), Response("plain")])
+    entry = r.to_json()
+    assert [x.get("attribute") for x in entry["responses"]] == ["x position", EVIL, None]
+    data = results_data()
+    data["latents"][2]["responses"] = entry["responses"]
+    text = render_report(data)
+    assert "<span class='attr' title='the attribute this answer names'>x position</span> it moves right" in text
+    assert EVIL not in text and text.count("class='attr'") == 2
+
+
+def test_report_strip_is_enlarged_nearest_with_labelled_axes(tmp_path):
+    from PIL import Image
+
+    from latentexplainer_plugin.report.strips import labelled_grid
+
+    t = moving_square(n_bases=2, size=16)
+    t.row_labels = ["z9 = -1.5"]
+    image = labelled_grid(t)
+    arr = np.asarray(image.convert("RGB"))
+    # 16 px images enlarged 4x (64 px cells), nearest: every 4x4 block of a cell is one colour
+    assert image.height > 2 * 64 and image.width > 5 * 64
+    label_w = image.width - 5 * (64 + 2) - 2
+    cell = arr[2 * 14 + 2 + 2:, label_w + 2:][:64, :64]
+    blocks = cell.reshape(16, 4, 16, 4, 3)
+    assert (blocks == blocks[:, :1, :, :1]).all()
+    np.testing.assert_array_equal(cell[::4, ::4, 0] > 127, t.images[0, 0, 0, 0].numpy() > 0.5)
+    assert np.asarray(image.convert("L"))[:28, label_w:].min() < 100  # the strengths are written on top
+    assert np.asarray(image.convert("L"))[28:, :label_w].min() < 100  # the rows are labelled
+    path = save_strip(t, tmp_path / "z0.png")
+    assert Image.open(path).size == image.size
+    # the caption names the axes with the run's strengths
+    text = render_report(results_data() | {"settings": {"threshold": 0.4, "strengths": [-3, -1.5, 0, 1.5, 3]}})
+    assert "columns: z0 moves from -3 to +3 (strength on top); rows: one per base latent" in text

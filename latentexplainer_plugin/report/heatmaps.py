@@ -16,9 +16,7 @@ use_pyplot=False)`` into one matplotlib Figure (no pyplot, no display).
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -127,17 +125,14 @@ def heatmap_figure(traversal: Traversal, score: Any = None, score_name: str | No
 
 def save_heatmap(traversal: Traversal, path: str | Path, score: Any = None, score_name: str | None = None) -> Path:
     """Write the heat map PNG of ``traversal`` (atomically: a temp file renamed over it) and return its path."""
+    from ..safe_io import atomic_writer, ensure_dir
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(path.parent)  # heatmaps/ must be a real folder, not a link out of the run directory
     fig = heatmap_figure(traversal, score, score_name)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as f:  # no link followed; the temp file is removed on any failure
+        fig.savefig(f, format="png")
     return path
 
 
@@ -145,7 +140,8 @@ class HeatmapWriter:
     """Writes ``heatmaps/<id>.png`` for each finished latent; returns its results.json keys.
 
     Pass it to ``explain_to_dir(..., extras=HeatmapWriter(out_dir))``. A heat map that cannot be
-    drawn never fails the run: the latent simply has no ``heatmap`` key (a warning says why).
+    drawn never fails the run: the latent simply has no ``heatmap`` key (a warning says why). A
+    latent whose image evidence shows no visible change gets none either.
     """
 
     def __init__(self, out_dir: str | Path, score: Any = None, score_name: str | None = None):
@@ -154,6 +150,9 @@ class HeatmapWriter:
 
     def __call__(self, result: Any) -> dict[str, Any]:
         if result.traversal is None:
+            return {}
+        evidence = getattr(result, "evidence", None)
+        if evidence is not None and not evidence.visible:  # nothing visibly changes: no map of amplified noise
             return {}
         rel = f"{HEATMAPS_DIR}/{safe_name(result.id)}.png"
         try:

@@ -8,11 +8,12 @@ relative paths inside the run directory. The page has no script and loads nothin
 from __future__ import annotations
 
 import html
+import math
 import re
 from pathlib import Path
 from typing import Any
 
-from ..store import atomic_write_text
+from ..safe_io import atomic_write_text
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;color:#222;max-width:1100px;padding:0 1em}
@@ -46,6 +47,19 @@ img.heat{max-width:100%}
 details{margin-top:8px}
 details li{margin:2px 0}
 .tag{font-size:.8em;color:#666}
+.attr{font-size:.75em;font-weight:600;border-radius:8px;padding:0 6px;background:#e6eefc;color:#1d4f80}
+.evidence{font-size:.9em;margin-top:6px;padding:4px 8px;border-radius:6px;background:#f3f7f3}
+.evidence.bad{background:#f7f3ea}
+.bar.small{width:90px;height:8px}
+.bar.small span.fill{height:8px}
+.evidence.bad .bar span.fill{background:#d9a400}
+.unclear img.strip{max-width:360px;min-width:160px}
+.unclear details,.unclear .meta{font-size:.85em}
+table.latents{border-collapse:collapse;margin:1em 0;width:100%}
+table.latents th,table.latents td{padding:3px 10px;border-bottom:1px solid #e3e3e3;text-align:left;vertical-align:top}
+table.latents td.num{text-align:right;font-variant-numeric:tabular-nums}
+table.latents .unclear,table.latents .failed{color:#7a5600;font-style:italic;border:none;background:none}
+table.latents .failed{color:#8b1d1d}
 """
 
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./-]*$")
@@ -114,12 +128,63 @@ def _responses(entry: dict[str, Any]) -> str:
         if r.get("abstained"):
             tags.append("abstains")
         tag = f" <span class='tag'>({', '.join(tags)})</span>" if tags else ""
-        items.append(f"<li>{_e(r.get('text'))}{tag}</li>")
+        attribute = r.get("attribute")
+        named = f"<span class='attr' title='the attribute this answer names'>{_e(attribute)}</span> " if attribute else ""
+        items.append(f"<li>{named}{_e(r.get('text'))}{tag}</li>")
     n = len(items)
     return f"<details><summary>{n} response{'s' if n != 1 else ''}</summary><ol>{''.join(items)}</ol></details>"
 
 
-def _latent(entry: dict[str, Any], threshold: float | None = None) -> str:
+def _why_unclear(entry: dict[str, Any]) -> str:
+    evidence = entry.get("evidence") if isinstance(entry.get("evidence"), dict) else None
+    if evidence is None or evidence.get("consistent") is not False:
+        return "the answers disagree or abstain"
+    if evidence.get("visible") is False:
+        return "the images do not change visibly"
+    if str(evidence.get("reason", "")).startswith(("too few", "one strip")):
+        return "too few strips to tell whether the images change consistently"
+    return "the images change differently from base to base"
+
+
+def _axes(entry: dict[str, Any], strengths: list[float] | None) -> str:
+    lid = _e(entry.get("id"))
+    values = f" from {strengths[0]:+g} to {strengths[-1]:+g}" if strengths else ""
+    return (f"columns: {lid} moves{values} (strength on top); rows: one per base latent, and per value of the "
+            "clamped latent where the bias compares two (labelled left)")
+
+
+def _evidence(evidence: dict[str, Any] | None) -> str:
+    """The image evidence: verdict, numbers and two small bars (change and agreement against their thresholds)."""
+    if evidence is None:
+        return ""
+    from ..evidence import MIN_CHANGE, MIN_CONSISTENCY, MIN_RATIO, MIN_SIGNIFICANCE
+
+    change, ratio = _num(evidence.get("change")), _num(evidence.get("ratio"))
+    agreement, z = _num(evidence.get("consistency")), _num(evidence.get("significance"))
+    strips = evidence.get("strips") if isinstance(evidence.get("strips"), int) else None
+    verdict = "consistent" if evidence.get("consistent") else ("changes, but not consistently" if evidence.get("visible")
+                                                                  else "no visible change")
+    parts = [f"<b>images: {_e(verdict)}</b>"]
+    if change is not None:
+        # log scale: the floor at 1/4 of the bar, a change of 1 (black to white) fills it
+        width = max(0.0, min(1.0, (math.log10(max(change, 1e-4)) + 4) / 4))
+        floor = (math.log10(MIN_CHANGE) + 4) / 4
+        parts.append(f"<span class='bar small' title='mean change per pixel, log scale; tick: floor {MIN_CHANGE:.4f}'>"
+                     f"<span class='fill' style='width:{100 * width:.0f}%'></span>"
+                     f"<span class='thr' style='left:{100 * floor:.0f}%'></span></span> change {change:.3f}"
+                     + (f" ({ratio:.2f} of the variation between bases; needs {MIN_RATIO})" if ratio is not None else ""))
+    if agreement is not None:
+        width = max(0.0, min(1.0, agreement))
+        parts.append(f"<span class='bar small' title='agreement across strips; tick: {MIN_CONSISTENCY}'>"
+                     f"<span class='fill' style='width:{100 * width:.0f}%'></span>"
+                     f"<span class='thr' style='left:{100 * MIN_CONSISTENCY:.0f}%'></span></span> agreement {agreement:.2f}"
+                     + (f" over {strips} strips" if strips is not None else "")
+                     + (f" (z {z:.1f}; needs {MIN_SIGNIFICANCE:g})" if z is not None else ""))
+    state = "ok" if evidence.get("consistent") else "bad"
+    return f"<div class='evidence {state}'>{' · '.join(parts)}<div class='tag'>{_e(evidence.get('reason'))}</div></div>"
+
+
+def _latent(entry: dict[str, Any], threshold: float | None = None, strengths: list[float] | None = None) -> str:
     state = _state(entry)
     lid = entry.get("id")
     rank = entry.get("rank")
@@ -131,7 +196,8 @@ def _latent(entry: dict[str, Any], threshold: float | None = None) -> str:
     elif state == "clear":
         body, label = f"<div class='expl'>{_e(entry.get('explanation'))}</div>", "clear"
     else:
-        body, label = "<div class='expl'>No clear explanation: the answers disagree or abstain.</div>", "no clear explanation"
+        body = f"<div class='expl'>No clear explanation: {_e(_why_unclear(entry))}.</div>"
+        label = "no clear explanation"
     badges = f"<span class='badge rank'>#{_e(rank)}</span>" if rank is not None else ""
     badges += f"<span class='badge state'>{label}</span>"
     meta = []
@@ -156,15 +222,20 @@ def _latent(entry: dict[str, Any], threshold: float | None = None) -> str:
     strip = _src(entry.get("strip"))
     if strip:
         images.append(f"<figure><img class='strip' alt='traversal of {_e(lid)}' src='{strip}'>"
-                      "<figcaption>traversal: one row per base (and clamp), one column per strength</figcaption></figure>")
+                      f"<figcaption>{_axes(entry, strengths)}</figcaption></figure>")
+    evidence = entry.get("evidence") if isinstance(entry.get("evidence"), dict) else None
     heat = _src(entry.get("heatmap"))
+    if heat and evidence is not None and evidence.get("visible") is False:
+        heat = None  # nothing visibly changes: a heat map would only show amplified noise
+        images.append("<p class='meta'>No heat map: the images do not change visibly.</p>")
     if heat:
         images.append(f"<figure><img class='heat' alt='where {_e(lid)} changes the image' src='{heat}'>"
                       "<figcaption>where the image changes along the traversal; "
                       "where the score rises (green) and falls (red)</figcaption></figure>")
     return (
         f"<section class='latent {state}' id='latent-{_e(lid)}'><h2>{_e(lid)} {badges}</h2>{body}"
-        f"<div class='meta'>{' · '.join(meta)}</div><div class='images'>{''.join(images)}</div>{_responses(entry)}</section>"
+        f"<div class='meta'>{' · '.join(meta)}</div>{_evidence(evidence)}"
+        f"<div class='images'>{''.join(images)}</div>{_responses(entry)}</section>"
     )
 
 
@@ -208,9 +279,63 @@ def _summary(data: dict[str, Any], latents: list[dict[str, Any]]) -> dict[str, A
         "latents": (f"{len(latents)}: {states.count('clear')} clear, {states.count('unclear')} no clear explanation, "
                     f"{states.count('failed')} failed"),
         "ranking": rank_text,
-        "status": data.get("status"),
+        "status": _status_text(data),
         "time": ", ".join(t for t in times if t) or None,
+        "tokens": _usage_text(data.get("usage")),
     }
+
+
+def _usage_text(usage: Any) -> str | None:
+    """``1200 prompt + 340 completion tokens in 10 requests`` (None when no request was made)."""
+    if not isinstance(usage, dict) or not isinstance(usage.get("requests"), int) or usage["requests"] <= 0:
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    prompt = prompt if isinstance(prompt, int) else 0
+    completion = completion if isinstance(completion, int) else 0
+    return f"{prompt} prompt + {completion} completion tokens in {usage['requests']} requests"
+
+
+def _status_text(data: dict[str, Any]) -> str | None:
+    """``complete``, or e.g. ``incomplete: 2 ok, 1 failed`` (the counts results.json records)."""
+    status, counts = data.get("status"), data.get("counts")
+    if status is None or status == "complete" or not isinstance(counts, dict):
+        return status
+    parts = [f"{counts[k]} {k}" for k in ("ok", "failed", "skipped", "missing") if isinstance(counts.get(k), int) and counts[k]]
+    return f"{status}: {', '.join(parts)}" if parts else status
+
+
+def _latent_table(latents: list[dict[str, Any]]) -> str:
+    """One line per latent: explanation (or why not), certainty, image evidence, captured factor."""
+    if not latents:
+        return ""
+    has_factor = any(isinstance(e.get("factor"), dict) for e in latents)
+    rows = []
+    for e in latents:
+        state = _state(e)
+        if state == "clear":
+            text = f"<td>{_e(e.get('explanation'))}</td>"
+        elif state == "failed":
+            error = str(e.get("error") or "")
+            text = f"<td class='failed'>failed: {_e(error[:160] + ('…' if len(error) > 160 else ''))}</td>"
+        else:
+            text = f"<td class='unclear'>{'skipped' if state == 'skipped' else 'no clear explanation'}</td>"
+        certainty = _num(e.get("certainty"))
+        evidence = e.get("evidence") if isinstance(e.get("evidence"), dict) else None
+        if evidence is None:
+            images = ""
+        else:
+            verdict = "consistent" if evidence.get("consistent") else ("inconsistent" if evidence.get("visible") else "no change")
+            agreement = _num(evidence.get("consistency"))
+            images = verdict + (f" ({agreement:.2f})" if agreement is not None and evidence.get("visible") else "")
+        factor = ""
+        if has_factor and isinstance(e.get("factor"), dict):
+            factor = _e(e["factor"].get("name") or "none")
+        rows.append(f"<tr><td><a href='#latent-{_e(e.get('id'))}'>{_e(e.get('id'))}</a></td>{text}"
+                    f"<td class='num'>{'' if certainty is None else f'{certainty:.2f}'}</td><td>{_e(images)}</td>"
+                    + (f"<td>{factor}</td>" if has_factor else "") + "</tr>")
+    head = ("<tr><th>latent</th><th>explanation</th><th>certainty</th><th>images</th>"
+            + ("<th>factor</th>" if has_factor else "") + "</tr>")
+    return f"<table class='latents'><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>"
 
 
 def render_report(data: dict[str, Any]) -> str:
@@ -220,16 +345,21 @@ def render_report(data: dict[str, Any]) -> str:
         latents = sorted(latents, key=lambda e: e["rank"])
     settings = data.get("settings") if isinstance(data.get("settings"), dict) else {}
     threshold = _num(settings.get("threshold"))
+    strengths = settings.get("strengths")
+    strengths = [float(s) for s in strengths] if isinstance(strengths, list) and strengths and all(
+        _num(s) is not None for s in strengths) else None
     rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in _summary(data, latents).items() if v is not None)
-    body = "".join(_latent(e, threshold) for e in latents) or "<p>No latents were explained.</p>"
+    body = "".join(_latent(e, threshold, strengths) for e in latents) or "<p>No latents were explained.</p>"
     order = "in rank order (the score depends most on the first)" if latents and "rank" in latents[0] else "in latent order"
     return (
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
         "<title>latentexplainer report</title>"
-        f"<style>{CSS}</style></head><body><h1>What the latents mean</h1><table class='summary'>{rows}</table>"
-        f"<p class='meta'>Latents {order}. Certainty is the agreement of the sampled answers; below the threshold "
-        f"(the tick on each bar) the latent has no clear explanation.</p>{body}</body></html>\n"
+        f"<style>{CSS}</style></head><body><h1>What the latents mean</h1>{_latent_table(latents)}"
+        f"<table class='summary'>{rows}</table>"
+        f"<p class='meta'>Latents {order}. A latent has a clear explanation only when its images change visibly and "
+        "consistently across bases (image evidence) and the sampled answers agree (certainty at or above the threshold, "
+        f"the tick on each bar).</p>{body}</body></html>\n"
     )
 
 
