@@ -150,14 +150,14 @@ def test_relative_rotation_sign_and_invariance():
     (ma, _), (mb, _) = foreground(a), foreground(b)
     rot = relative_rotation(ma, mb)
     assert 16 < float(rot[0]) < 24  # clockwise on screen is positive; moving and growing ignored
-    assert float(rot[1]) == 0.0  # a disc has no visible rotation
+    assert float(rot[1]) == pytest.approx(0.0, abs=1e-9)  # a disc has no visible rotation
     assert -24 < float(relative_rotation(mb[:1], ma[:1])[0]) < -16
 
 
 def test_theil_sen_ignores_one_bad_frame():
     v = torch.tensor([0.0, 1.0, 2.0, 30.0, 4.0])
     assert math.isclose(theil_sen_change(v), 4.0, abs_tol=1e-6)
-    assert theil_sen_change(torch.tensor([float("nan"), 1.0, float("nan")])) == 0.0
+    assert theil_sen_change(torch.tensor([float("nan"), 1.0, float("nan")])) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_strip_effects_scales():
@@ -264,7 +264,7 @@ def test_rows_disagree_gives_weaker_answer():
     resp = explain_one(row1, row2)
     assert "left to right" not in resp.text and "right to left" not in resp.text
     assert resp.abstained
-    assert resp.meta["effects"]["x"] == 0.0
+    assert resp.meta["effects"]["x"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_one_answer_per_base():
@@ -294,3 +294,24 @@ def test_capabilities_and_describe():
 def test_colour_names():
     names = [colour_name(h / 360) for h in (0, 30, 60, 120, 180, 230, 275, 320, 355, 360 + 120)]
     assert names == ["red", "orange", "yellow", "green", "cyan", "blue", "purple", "magenta", "red", "green"]
+
+
+@pytest.mark.parametrize("effects, hues", [
+    ({"x": 0.5}, None), ({"x": -0.5}, None), ({"y": 0.5}, None), ({"y": -0.5}, None),
+    ({"area": 0.5}, None), ({"area": -0.5}, None), ({"rotation": 0.5}, None), ({"rotation": -0.5}, None),
+    ({"background": 0.5}, None), ({"background": -0.5}, None), ({"compactness": 0.5}, None),
+    ({"compactness": -0.5}, None), ({"hue": 0.5}, (0.62, 0.98)), ({"hue": 0.2}, (0.30, 0.33)),
+    ({"x": 0.5, "area": 0.4}, None), ({"x": -0.5, "y": 0.45}, None),
+])
+def test_structured_claims_say_what_the_sentence_says(effects, hues):
+    """The claims the offline explainer attaches are what the claim parser reads in its own sentence."""
+    from latentexplainer_plugin.backends.offline import OfflineBackend, structured_claims
+    from latentexplainer_plugin.uncertainty import Claim, parse_claims
+
+    full = {k: 0.0 for k in ("x", "y", "area", "rotation", "hue", "compactness", "background", "intensity")}
+    full |= effects | {"pixel_change": 0.1}
+    backend = OfflineBackend()
+    text, abstained, parts = backend._answer("z3", {"effects": full, "object": True, "hues": hues})
+    assert not abstained and sorted(parts) == sorted(effects)
+    given = sorted(Claim.from_json(c).label() for c in structured_claims(parts, full, hues))
+    assert given == sorted(c.label() for c in parse_claims(text)), text

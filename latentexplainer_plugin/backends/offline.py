@@ -43,6 +43,21 @@ def colour_name(hue: float) -> str:
     return "red"
 
 
+def hue_ends(hues: tuple[float, float] | None) -> tuple[str, str | None]:
+    """Names of the start and end colour of a hue change (turns). When both ends have the same
+    name, the end is the neighbouring colour the change heads for; None if there is none within 90 degrees."""
+    start, end = hues if hues is not None else (0.0, 0.0)
+    a, b = colour_name(start), colour_name(end)
+    if a != b:
+        return a, b
+    step = 1.0 if end >= start else -1.0
+    for k in range(1, 19):
+        b = colour_name(end + step * k * 5.0 / 360.0)
+        if b != a:
+            return a, b
+    return a, None
+
+
 def _phrase(prop: str, sign: float, first: bool, hues: tuple[float, float] | None = None) -> str:
     """Verb phrase for a change; ``first`` names the object, later phrases say "it"."""
     obj = "the object" if first else "it"
@@ -57,17 +72,12 @@ def _phrase(prop: str, sign: float, first: bool, hues: tuple[float, float] | Non
     if prop == "rotation":
         return f"rotates {obj} clockwise" if up else f"rotates {obj} counterclockwise"
     if prop == "hue":
-        start, end = hues if hues is not None else (0.0, 0.0)
-        a, b = colour_name(start), colour_name(end)
-        if a != b:
-            return f"changes {poss} colour from {a} to {b}"
-        # Both ends have the same name: say which neighbouring colour the change heads for.
-        step = 1.0 if end >= start else -1.0
-        for k in range(1, 19):
-            b = colour_name(end + step * k * 5.0 / 360.0)
-            if b != a:
-                return f"shifts {poss} colour from {a} towards {b}"
-        return f"shifts {poss} {a} colour hue"
+        a, b = hue_ends(hues)
+        if b is None:
+            return f"shifts {poss} {a} colour hue"
+        if b != colour_name((hues or (0.0, 0.0))[1]):
+            return f"shifts {poss} colour from {a} towards {b}"
+        return f"changes {poss} colour from {a} to {b}"
     if prop == "background":
         return "makes the background brighter" if up else "makes the background darker"
     if prop == "compactness":
@@ -77,6 +87,37 @@ def _phrase(prop: str, sign: float, first: bool, hues: tuple[float, float] | Non
     if prop == "intensity":
         return "makes the whole image brighter" if up else "makes the whole image darker"
     raise ValueError(f"no phrase for property {prop!r}")
+
+
+# Measured property -> the claim attribute of uncertainty/claims.py, and whether a positive effect
+# is the claim's "+" direction (image y grows downwards; claims count "up" as +).
+_CLAIM_OF = {
+    "x": ("horizontal_position", True),
+    "y": ("vertical_position", False),
+    "area": ("size", True),
+    "rotation": ("orientation", True),
+    "background": ("background_brightness", True),
+    "compactness": ("shape", True),
+    "intensity": ("brightness", True),
+}
+
+
+def structured_claims(parts: list[str], effects: dict[str, float], hues: tuple[float, float] | None) -> list[dict]:
+    """The claims an answer makes, as ``uncertainty.claims.Claim.to_json()`` dicts: what the
+    certainty measure compares instead of re-reading the sentence."""
+    out = []
+    for prop in parts:
+        if prop == "hue":
+            claim = {"attribute": "colour"}
+            if hues is not None:
+                start, end = hue_ends(hues)
+                claim |= {"start": start} | ({"end": end} if end is not None else {})
+            out.append(claim)
+            continue
+        attribute, positive_is_plus = _CLAIM_OF[prop]
+        up = effects[prop] > 0
+        out.append({"attribute": attribute, "direction": "+" if up == positive_is_plus else "-"})
+    return out
 
 
 class OfflineBackend(Backend):
@@ -209,6 +250,7 @@ class OfflineBackend(Backend):
                 "row_effects": [{key: round(float(v), 4) for key, v in r.items()} for r in measured["rows"]],
                 "object": measured["object"],
                 "named": parts,
+                "claims": structured_claims(parts, measured["effects"], measured["hues"]),
             }
             if measured["hues"] is not None:
                 meta["hue_start"], meta["hue_end"] = (round(h % 1.0, 4) for h in measured["hues"])
