@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -20,8 +21,10 @@ from .adapters.base import DEFAULT_STRENGTHS, Adapter, check_strengths
 from .backends.base import Backend
 from .biases.base import InductiveBias, build_prompt
 from .components import get_adapter, get_backend, get_bias
+from .evidence import MIN_STRIPS, NonFiniteImagesError, traversal_evidence
 from .results import ExplanationResults, LatentResult
 from .uncertainty import get_similarity, select_explanation
+from .uncertainty.selection import ONE_ANSWER_NOTE
 
 Target = int | Sequence[int] | None
 
@@ -41,7 +44,9 @@ class LatentExplainer:
         bias: inductive bias name or object (``disentanglement``, ``combination``, ``conditional``);
             default: the adapter's ``default_bias`` (vae: disentanglement, ddpm/sd: combination).
         samples: n, the number of answers per latent.
-        similarity: ``"embed"`` (sentence embeddings) or ``"bow"`` (the paper's bag of words).
+        similarity: ``"agree"`` (default: answers agree when they name the same attribute and
+            direction), ``"embed"`` (sentence embeddings), ``"bow"`` (the paper's bag of words,
+            exactly) or ``"bow-refined"``; see docs/concepts.md.
         threshold: certainty below which the result is "no clear explanation". None: the threshold
             calibrated for this backend and similarity (``latentexplainer calibrate``; see
             docs/evaluation.md), else the similarity's default. ``describe()`` says which
@@ -53,12 +58,15 @@ class LatentExplainer:
     """
 
     def __init__(self, generator: Any, backend: str | Backend = "offline", bias: str | InductiveBias | None = None,
-                 samples: int = 5, similarity: str = "embed", threshold: float | None = None,
+                 samples: int = 5, similarity: str = "agree", threshold: float | None = None,
                  strengths: Sequence[float] = DEFAULT_STRENGTHS, seed: int = 0, adapter: str | None = None,
                  clamp: Any = None, context: dict[str, Any] | None = None, chunk_size: int = 16,
                  backend_options: dict[str, Any] | None = None, adapter_options: dict[str, Any] | None = None):
         if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
             raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
+        if samples == 1:
+            warnings.warn(f"samples=1: {ONE_ANSWER_NOTE}; every latent will be 'no clear explanation'", UserWarning,
+                          stacklevel=2)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
@@ -91,7 +99,8 @@ class LatentExplainer:
 
     def _bases(self, inputs: torch.Tensor | None) -> torch.Tensor:
         needed = self.samples if self.backend.samples_from_bases else max(1, self.bias.prompt_bases)
-        if inputs is None:
+        if inputs is None:  # enough bases for the image evidence to tell consistency from chance
+            needed = max(needed, -(-MIN_STRIPS // max(1, self.bias.rows)))
             return self.adapter.sample_bases(needed, seed=self.seed)
         inputs = torch.as_tensor(inputs, dtype=torch.float32)
         if inputs.ndim == 1:
@@ -141,16 +150,25 @@ class LatentExplainer:
 
     def _select(self, index: int, traversal: Any, answer: Any) -> LatentResult:
         lid = self.adapter.latent_id(index)
+        # image-side evidence first (also when the backend failed): a clear explanation needs a
+        # visible change that agrees across bases, whatever the answers say
+        try:
+            evidence = traversal_evidence(traversal)
+        except NonFiniteImagesError as exc:
+            return LatentResult(lid, index, "failed", traversal=traversal, error=str(exc))
         if isinstance(answer, BaseException):
-            return LatentResult(lid, index, "failed", traversal=traversal, error=f"{type(answer).__name__}: {answer}")
+            return LatentResult(lid, index, "failed", traversal=traversal, error=f"{type(answer).__name__}: {answer}",
+                                evidence=evidence)
         t0 = time.perf_counter()
         try:
             chosen = select_explanation(answer, self.similarity, self._threshold()[0])
         except ValueError as exc:  # every sample failed: report it, never score it
-            return LatentResult(lid, index, "failed", responses=list(answer), traversal=traversal, error=str(exc))
-        return LatentResult(lid, index, "ok", explanation=chosen.explanation, certainty=chosen.certainty,
-                            clear=chosen.clear, responses=chosen.responses, traversal=traversal,
-                            timing={"select_s": time.perf_counter() - t0})
+            return LatentResult(lid, index, "failed", responses=list(answer), traversal=traversal, error=str(exc),
+                                evidence=evidence)
+        clear = bool(chosen.clear and evidence.consistent)
+        return LatentResult(lid, index, "ok", explanation=chosen.explanation if clear else None,
+                            certainty=chosen.certainty, clear=clear, responses=chosen.responses, traversal=traversal,
+                            timing={"select_s": time.perf_counter() - t0}, evidence=evidence)
 
     def _threshold(self) -> tuple[float, str]:
         """The threshold in use and where it came from: argument, calibration file or default."""

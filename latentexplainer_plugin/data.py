@@ -33,12 +33,16 @@ def load_npz(path: str | Path, need_factors: bool = False) -> dict[str, Any]:
         raise LoadError(f"{path}: 'images' must have shape (N,H,W,C) with H == W and C in (1, 3), got {images.shape}")
     out: dict[str, Any] = {"images": images}
     if "factors" in data:
-        factors = np.asarray(data["factors"], dtype=np.float64)
+        raw = data["factors"]
+        if raw.dtype.kind not in "biuf":
+            raise LoadError(f"{path}: 'factors' must hold numbers (N, K), got dtype {raw.dtype}")
+        factors = np.asarray(raw, dtype=np.float64)
         if factors.ndim != 2 or len(factors) != len(images):
             raise LoadError(f"{path}: 'factors' must have shape (N={len(images)}, K), got {data['factors'].shape}")
         names = [str(n) for n in data.get("factor_names", [f"factor{k}" for k in range(factors.shape[1])])]
         if len(names) != factors.shape[1]:
             raise LoadError(f"{path}: {len(names)} factor_names for {factors.shape[1]} factor columns")
+        check_finite_factors(factors, names, path)
         out["factors"], out["factor_names"] = factors, names
     elif need_factors:
         raise LoadError(f"{path} has no 'factors' array; evaluation needs ground-truth factors (N,K) and factor_names")
@@ -56,3 +60,19 @@ def check_images_fit(images: np.ndarray, image_size: int | None, channels: int |
             f"{what} holds {h}x{w} images with {c} channel(s), but the model takes {want} images with "
             f"{channels if channels is not None else c} channel(s); use data like the model's training data"
         )
+
+
+def check_finite_factors(factors: np.ndarray, names: list[str], path: str | Path) -> None:
+    """Refuse factor columns with NaN or +-inf (metrics on them would be NaN or silently wrong)."""
+    bad = ~np.isfinite(factors)
+    if not bad.any():
+        return
+    column = int(np.flatnonzero(bad.any(axis=0))[0])
+    rows = np.flatnonzero(bad[:, column])
+    value = factors[rows[0], column]
+    more = sum(1 for c in range(factors.shape[1]) if bad[:, c].any()) - 1
+    others = f" (and {more} more column(s))" if more else ""
+    raise LoadError(
+        f"{path}: factor column {column} ({names[column]!r}) holds {len(rows)} non-finite value(s) "
+        f"(first: {value} in row {int(rows[0])}){others}; factors must be finite numbers: drop or impute those rows"
+    )

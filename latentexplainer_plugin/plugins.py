@@ -4,12 +4,18 @@ Environment variables:
 - ``LATENTEXPLAINER_NO_PLUGINS=1``: do not load external (entry-point) plugins.
 - ``LATENTEXPLAINER_PLUGINS=a,b``: load only these entry points (by entry-point name).
 - ``LATENTEXPLAINER_TRACE_PLUGINS=1``: print every hook call to stderr.
+
+A plugin that fails to import, a register hook that raises, and a registration with an invalid
+name (:data:`NAME_PATTERN`) or a factory that is not callable are skipped with a
+:class:`PluginWarning` naming the plugin, its distribution and what failed (:func:`failures`
+lists them); everything else keeps working.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -66,12 +72,63 @@ class UnknownComponentError(ValueError):
     """A name that no plugin registered; the message lists the registered names."""
 
 
+class PluginWarning(UserWarning):
+    """A plugin (or one of its registrations) was skipped; the message says which and why."""
+
+
+#: What a registered name may be: ASCII letters, digits, ``_``, ``-`` and ``.``, starting with a
+#: letter or digit, at most 64 characters (it is typed on the command line, and ``:`` separates a
+#: backend's name from its argument).
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+NAME_RULE = "1-64 characters from A-Z a-z 0-9 _ - ., starting with a letter or digit"
+
+#: Problems met while loading plugins in this process: (plugin, distribution, what failed).
+_failures: list[tuple[str, str, str]] = []
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _report(plugin: str, distribution: str, what: str) -> None:
+    """Record a skipped plugin or registration and warn (the CLI prints it on stderr)."""
+    _failures.append((plugin, distribution, what))
+    hint = "" if distribution == BUILTIN_DISTRIBUTION else (
+        "; set LATENTEXPLAINER_NO_PLUGINS=1 to skip external plugins, or LATENTEXPLAINER_PLUGINS=NAME,... "
+        "to load only the ones you name")
+    warnings.warn(f"plugin {plugin!r} ({distribution}) {what}; skipped{hint}", PluginWarning, stacklevel=3)
+
+
+def failures() -> list[tuple[str, str, str]]:
+    """Plugins and registrations skipped so far: ``(plugin, distribution, what failed)``."""
+    return list(_failures)
+
+
+def check_name(name: Any) -> str | None:
+    """None if ``name`` is a valid component name, else why not."""
+    if not isinstance(name, str):
+        return f"a name must be a string, got {type(name).__name__} {name!r}"
+    if not NAME_PATTERN.fullmatch(name):
+        return f"invalid name {name!r} (allowed: {NAME_RULE})"
+    return None
+
+
 _pm: pluggy.PluginManager | None = None
 _registries: dict[str, Registry] | None = None
 
 
 def _truthy(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _dist_name(ep: Any, version: bool = False) -> str:
+    """The distribution that provides entry point ``ep`` (with its version: for messages)."""
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return ep.value
+    number = dist.metadata["Version"] if version else None
+    return f"{dist.metadata['Name']} {number}" if number else dist.metadata["Name"]
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
@@ -81,10 +138,13 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
             continue
         if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
             continue
-        plugin = ep.load()
-        pm.register(plugin, name=ep.name)
-        dist = getattr(ep, "dist", None)
-        pm._le_dists[ep.name] = dist.metadata["Name"] if dist is not None else ep.value  # type: ignore[attr-defined]
+        try:
+            plugin = ep.load()
+            pm.register(plugin, name=ep.name)
+        except (Exception, SystemExit) as exc:  # a broken plugin must not take every command down with it
+            _report(ep.name, _dist_name(ep, version=True), f"failed to load ({ep.value}): {_describe(exc)}")
+            continue
+        pm._le_dists[ep.name] = _dist_name(ep)  # type: ignore[attr-defined]
 
 
 def get_plugin_manager() -> pluggy.PluginManager:
@@ -128,6 +188,7 @@ def reset() -> None:
     """Forget the plugin manager (tests use this after changing environment variables)."""
     global _pm
     _pm = None
+    _failures.clear()
     reset_registries()
 
 
@@ -139,22 +200,33 @@ def _collect(pm: pluggy.PluginManager, kind: str) -> Registry:
     for impl in caller.get_hookimpls():
         plugin_name = pm.get_name(impl.plugin) or repr(impl.plugin)
         dist = pm._le_dists.get(plugin_name, "?")  # type: ignore[attr-defined]
+        pending: list[Entry] = []  # kept only if the whole hook call succeeds
 
-        def register(name: str, factory: Callable[..., Any], _p=plugin_name, _d=dist) -> None:
-            if not isinstance(name, str) or not name or ":" in name:
-                raise ValueError(f"plugin {_p} registered an invalid {kind} name {name!r} (non-empty, no ':')")
-            entry = Entry(name, factory, _p, _d)
-            if name in registry.entries:
-                registry.conflicts.append((registry.entries[name], entry))
+        def register(name: str, factory: Callable[..., Any], _p=plugin_name, _d=dist, _pending=pending) -> None:
+            problem = check_name(name)
+            if problem is None and not callable(factory):
+                problem = f"factory for {name!r} is not callable (got {type(factory).__name__})"
+            if problem is not None:
+                _report(_p, _d, f"registered an invalid {kind} entry: {problem}")
+                return
+            _pending.append(Entry(name, factory, _p, _d))
+
+        try:
+            impl.function(register=register)
+        except (Exception, SystemExit) as exc:
+            _report(plugin_name, dist, f"failed in latentexplainer_register_{kind}: {_describe(exc)}")
+            continue
+        for entry in pending:
+            if entry.name in registry.entries:
+                kept = registry.entries[entry.name]
+                registry.conflicts.append((kept, entry))
                 warnings.warn(
-                    f"{kind}: {name!r} from {_p} ({_d}) ignored; the name is taken by "
-                    f"{registry.entries[name].plugin} ({registry.entries[name].distribution})",
+                    f"{kind}: {entry.name!r} from {entry.plugin} ({entry.distribution}) ignored; the name is taken by "
+                    f"{kept.plugin} ({kept.distribution})",
                     stacklevel=2,
                 )
-                return
-            registry.entries[name] = entry
-
-        impl.function(register=register)
+                continue
+            registry.entries[entry.name] = entry
     return registry
 
 

@@ -4,12 +4,44 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 from .types import Response, Traversal
 
 SCHEMA_VERSION = 1
 Status = Literal["ok", "failed", "skipped"]
+
+
+def usage_of(responses: Iterable[Response]) -> dict[str, int]:
+    """Tokens and requests this run spent on ``responses`` (answers served from the cache cost 0).
+
+    A backend puts a request's ``usage`` on one of its answers only, so n answers from one request
+    count its prompt tokens once.
+    """
+    total = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0}
+    for r in responses:
+        meta = r.meta or {}
+        usage = meta.get("usage")
+        if meta.get("cached") or not isinstance(usage, dict):
+            continue
+        for key in total:
+            value = usage.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                total[key] += value
+    return total
+
+
+def total_usage(entries: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """The sum of the ``usage`` of results.json latent entries (the run header's ``usage``)."""
+    total = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0}
+    for entry in entries:
+        usage = entry.get("usage") if isinstance(entry, dict) else None
+        if isinstance(usage, dict):
+            for key in total:
+                value = usage.get(key)
+                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                    total[key] += value
+    return total
 
 
 @dataclass
@@ -27,6 +59,7 @@ class LatentResult:
     error: str | None = None
     timing: dict[str, float] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)  # kl, factor, attribution, ...
+    evidence: Any = None  # evidence.Evidence: what the images show (None when not measured)
 
     def to_json(self, strip: str | None = None) -> dict[str, Any]:
         return {
@@ -37,11 +70,17 @@ class LatentResult:
             "certainty": self.certainty,
             "clear": bool(self.clear),
             "responses": [
-                {"text": r.text, "abstained": r.abstained, "error": r.error} for r in self.responses
+                {"text": r.text, "abstained": r.abstained, "error": r.error,
+                 "finish_reason": (r.meta or {}).get("finish_reason")}
+                | ({"attribute": str(r.meta["attribute"])} if (r.meta or {}).get("attribute") else {})
+                | ({"claims": list(r.meta["claims"])} if isinstance((r.meta or {}).get("claims"), list) else {})
+                for r in self.responses
             ],
+            "usage": usage_of(self.responses),
             "strip": strip,
             "error": self.error,
             "timing": {k: round(v, 4) for k, v in self.timing.items()},
+            "evidence": self.evidence.to_json() if self.evidence is not None else None,
         } | self.extras
 
     # what a ranking (``RankThenExplain``, ``rank_latents``) recorded for this latent, else None

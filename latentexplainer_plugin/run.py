@@ -10,7 +10,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from .attribution import LatentExplainer, most_active_other
+from .backends.base import FatalBackendError
 from .report.html import write_report
+from .results import total_usage
 from .store import RunStore, RunStoreError
 
 KL_ACTIVE = 0.05  # nats: below this a latent is treated as collapsed
@@ -94,7 +96,8 @@ def explain_to_dir(explainer: LatentExplainer, out_dir: str | Path, *, target: A
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     targets = explainer.resolve_targets(target)  # bad targets fail before the run directory is touched
-    store = RunStore(out_dir, header, settings, resume=resume, force=force)
+    store = RunStore(out_dir, header, settings, resume=resume, force=force,  # resumed entries are checked against these
+                     targets={i: explainer.adapter.latent_id(i) for i in targets}, n_latents=explainer.adapter.n_latents)
     started = time.perf_counter()
     saved_chunk = explainer.chunk_size
     explainer.chunk_size = chunk_size
@@ -117,9 +120,19 @@ def explain_to_dir(explainer: LatentExplainer, out_dir: str | Path, *, target: A
         explainer.attribute(target=targets, on_result=on_result, skip=sorted(done))
         bar.close()
         store.header["elapsed_s"] = round(time.perf_counter() - started, 3)
-        data = store.finish("complete")
+        store.header["usage"] = total_usage(store.entries.values())
+        data = store.finish()  # complete, incomplete or failed, from the entries
+    except FatalBackendError as exc:  # every further request would fail the same way: keep what finished
+        try:
+            store.header["usage"] = total_usage(store.entries.values())
+            store.header["stopped"] = str(exc)
+            store.finish()
+        except Exception:
+            store.release()
+        raise
     except KeyboardInterrupt:
         try:
+            store.header["usage"] = total_usage(store.entries.values())
             store.finish("interrupted")
         except Exception:  # e.g. disk full: the last good results.json stays; the interrupt wins
             store.release()
@@ -140,7 +153,8 @@ def explain_to_dir(explainer: LatentExplainer, out_dir: str | Path, *, target: A
 
 
 def summarize(data: dict[str, Any]) -> tuple[str, int]:
-    """A one-screen summary of a run and the exit code (0 when every latent has a result)."""
+    """A one-screen summary of a run and the exit code: 0 when the run is complete (every latent
+    ok), 1 when any latent failed or is missing (status ``incomplete`` or ``failed``)."""
     lines = []
     failed = 0
     for e in data["latents"]:
@@ -152,6 +166,10 @@ def summarize(data: dict[str, Any]) -> tuple[str, int]:
             lines.append(f"{e['id']:>6}: FAILED {e.get('error')}")
         else:
             lines.append(f"{e['id']:>6}: {cert}{e['explanation'] if e.get('clear') else 'no clear explanation'}{extra}")
+    status, counts = data.get("status"), data.get("counts") or {}
     if failed:
         lines.append(f"{failed} of {len(data['latents'])} latents failed; see results.json for the errors.")
-    return "\n".join(lines), (1 if failed else 0)
+    if status in ("incomplete", "failed"):
+        lines.append(f"run {status}: {counts.get('ok', 0)} ok, {counts.get('failed', failed)} failed, "
+                     f"{counts.get('skipped', 0)} skipped, {counts.get('missing', 0)} missing")
+    return "\n".join(lines), (1 if failed or status in ("incomplete", "failed") else 0)

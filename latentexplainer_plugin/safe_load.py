@@ -1,8 +1,15 @@
-"""Loading user-supplied files safely: safetensors, JSON, or ``torch.load(weights_only=True)``."""
+"""Loading user-supplied files safely: safetensors, JSON, or ``torch.load(weights_only=True)``.
+
+Links to model files are followed (a model directory of links is normal), but whatever they lead
+to must be a regular file: a FIFO, device or socket is refused with a :class:`LoadError` before it
+is opened, so a pipe where a weights file should be cannot hang a run.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import torch
@@ -12,10 +19,25 @@ class LoadError(ValueError):
     """A model, weights or data file could not be read; the message says which and why."""
 
 
+def _refuse_special(path: Path, what: str) -> None:
+    """Raise :class:`LoadError` when ``path`` exists but is not a regular file (links followed)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing: the caller says so in its own words
+    if stat.S_ISREG(mode):
+        return
+    kind = next((words for test, words in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                                           (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                                           (stat.S_ISBLK, "a block device")) if test(mode)), "a special file")
+    raise LoadError(f"{what} {path} is {kind}, not a regular file; point to the file itself")
+
+
 def read_config(path: str | Path) -> dict:
     path = Path(path)
     if not path.parent.is_dir():
         raise LoadError(f"model directory {path.parent} does not exist")
+    _refuse_special(path, "config file")
     if not path.is_file():
         raise LoadError(f"{path.parent} has no {path.name}; a model directory needs config.json and model.safetensors")
     try:
@@ -33,6 +55,7 @@ def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     path = Path(path)
+    _refuse_special(path, "weights file")
     if not path.is_file():
         raise LoadError(f"weights file {path} does not exist")
     try:
@@ -91,6 +114,7 @@ def load_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, torc
     objects (a pickle that would construct one is refused, its code never runs).
     """
     path = Path(path)
+    _refuse_special(path, "weights file")
     if not path.is_file():
         raise LoadError(f"weights file {path} does not exist")
     if looks_like_safetensors(path) or (path.suffix == ".safetensors" and not looks_like_pickle(path)):
@@ -126,6 +150,7 @@ def find_weights(directory: str | Path, name: str = "model.safetensors", allow_p
     if not directory.is_dir():
         raise LoadError(f"model directory {directory} does not exist")
     preferred = directory / name
+    _refuse_special(preferred, "weights file")
     if preferred.is_file():
         return load_weights(preferred, allow_pickle=allow_pickle)
     pickles = sorted(p for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())

@@ -114,13 +114,17 @@ class Response:
 
 @dataclass
 class Explanation:
-    """The agreed explanation of a latent, or none (``clear`` False) with the certainty that was measured."""
+    """The agreed explanation of a latent, or none (``clear`` False) with the certainty that was measured.
+
+    ``certainty`` is None when it cannot be measured (a single valid answer); ``note`` says why.
+    """
 
     explanation: str | None
-    certainty: float
+    certainty: float | None
     clear: bool
     responses: list[Response]
     similarity: str
     threshold: float
     abstentions: int = 0
     failures: int = 0
+    note: str | None = None

@@ -19,7 +19,12 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+    # Library code may change the process-wide thread count (train_vae sets TrainConfig.threads and
+    # keeps it): pin it per test so a test's float results do not depend on which tests ran before.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -42,6 +47,6 @@ def tiny_trained_vae(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-vae")
     np.savez(root / "data.npz", **make_dataset(64, ShapesSpec(size=16), seed=3))
     code = main(["train-vae", "--data", str(root / "data.npz"), "--out", str(root / "model"),
-                 "--steps", "3", "--latents", "3", "--batch-size", "8", "--quiet"])
+                 "--steps", "3", "--latents", "3", "--batch-size", "8", "--threads", "1", "--quiet"])
     assert code == 0
     return root

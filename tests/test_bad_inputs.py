@@ -91,7 +91,35 @@ def p(tmp_path_factory):
     vlm = root / "vlm"
     vlm.mkdir()
     (vlm / "config.json").write_text(json.dumps({"model_type": "llava"}))
-    return SimpleNamespace(root=root, model=model, data=root / "data.npz", marker=marker, vlm=vlm)
+    vlm_pickled = root / "vlm-pickled"  # model and processor files present, weights only as a pickle
+    vlm_pickled.mkdir()
+    for name in ("config.json", "preprocessor_config.json", "tokenizer.json"):
+        (vlm_pickled / name).write_text(json.dumps({"model_type": "llava"}))
+    torch.save({"w": torch.zeros(2)}, vlm_pickled / "pytorch_model.bin")
+
+    # configs whose sizes would need absurd memory (refused before anything is built)
+    for name, change in [("absurd-latent-dim", {"latent_dim": 10**9}), ("absurd-image-size", {"image_size": 10**6}),
+                         ("channels-zero", {"channels": 0}), ("channels-negative", {"channels": -3}),
+                         ("too-many-parameters", {"latent_dim": 4096, "hidden": 65536, "width": 1024})]:
+        (variant(name) / "config.json").write_text(json.dumps(config | change))
+    # factors with NaN / inf
+    dataset = make_dataset(16, ShapesSpec(size=16), seed=1)
+    for name, row, column, value in [("nan-factors", 3, 1, np.nan), ("inf-factors", 0, 2, np.inf)]:
+        factors = dataset["factors"].astype(np.float64)
+        factors[row, column] = value
+        np.savez(root / f"{name}.npz", **(dataset | {"factors": factors}))
+    # a diffusers pipeline whose UNet was saved as a pickle (.bin), and one with an absurd sample_size
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+                       norm_num_groups=8, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2).eval()
+    for name, safe in [("ddpm-pickled", False), ("ddpm-absurd", True)]:
+        unet.save_pretrained(root / name / "unet", safe_serialization=safe)
+        DDIMScheduler(num_train_timesteps=1000).save_pretrained(root / name / "scheduler")
+    unet_config = json.loads((root / "ddpm-absurd" / "unet" / "config.json").read_text())
+    (root / "ddpm-absurd" / "unet" / "config.json").write_text(json.dumps(unet_config | {"sample_size": 10**6}))
+    return SimpleNamespace(root=root, model=model, data=root / "data.npz", marker=marker, vlm=vlm, unet=unet)
 
 
 def explain(p, out: Path, *args: str) -> list[str]:
@@ -107,7 +135,7 @@ CLI_CASES = [
      ["unknown bias 'entangled'; registered: combination, conditional, disentanglement"]),
     ("unknown-adapter", lambda p, o: explain(p, o, "--adapter", "gan"), ["unknown adapter 'gan'; registered:", "vae"]),
     ("unknown-similarity", lambda p, o: explain(p, o, "--similarity", "jaccard"),
-     ["unknown similarity 'jaccard'; choose one of 'bow', 'embed'"]),
+     ["unknown similarity 'jaccard'; choose one of 'agree', 'bow', 'bow-refined', 'embed'"]),
     ("site-typo", lambda p, o: explain(p, o, "--site", "decoder.fcc"),
      ["module path 'decoder.fcc' is not in ConvVAE; closest valid module paths: decoder.fc"]),
     ("site-unknown", lambda p, o: explain(p, o, "--site", "mlp.out"),
@@ -176,10 +204,42 @@ CLI_CASES = [
     ("train-vae-steps-zero", lambda p, o: ["train-vae", "--data", str(p.data), "--out", str(o), "--steps", "0"],
      ["--steps and --latents must be >= 1 and --batch-size >= 2"]),
     ("make-data-n-zero", lambda p, o: ["make-data", "--out", str(o), "--n", "0"], ["--n must be >= 1, got 0"]),
+    ("seed-too-large", lambda p, o: explain(p, o, "--seed", str(2**70)),
+     [f"--seed must be an integer in [0, {2**63 - 1}], got 1180591620717411303424"]),
+    ("samples-too-many", lambda p, o: explain(p, o, "--samples", "100000"), ["--samples must be at most 1000, got 100000"]),
+    ("model-config-absurd-latent-dim", lambda p, o: ["explain", "--model", str(p.root / "absurd-latent-dim"), "--out", str(o)],
+     ["config.json: latent_dim must be an integer in [1, 4096], got 1000000000"]),
+    ("model-config-absurd-image-size", lambda p, o: ["explain", "--model", str(p.root / "absurd-image-size"), "--out", str(o)],
+     ["config.json: image_size must be an integer in [16, 4096], got 1000000"]),
+    ("model-config-channels-zero", lambda p, o: ["explain", "--model", str(p.root / "channels-zero"), "--out", str(o)],
+     ["config.json: channels must be an integer in [1, 4], got 0"]),
+    ("model-config-channels-negative", lambda p, o: ["explain", "--model", str(p.root / "channels-negative"), "--out", str(o)],
+     ["config.json: channels must be an integer in [1, 4], got -3"]),
+    ("model-config-too-many-parameters", lambda p, o: ["explain", "--model", str(p.root / "too-many-parameters"), "--out", str(o)],
+     ["config.json: the config describes a model with 2,986,601,475 parameters", "more than the 500,000,000 allowed"]),
+    ("data-nan-factors", lambda p, o: explain(p, o, "--data", str(p.root / "nan-factors.npz")),
+     ["nan-factors.npz: factor column 1 ('x_position') holds 1 non-finite value(s) (first: nan in row 3)"]),
+    ("data-inf-factors", lambda p, o: explain(p, o, "--data", str(p.root / "inf-factors.npz")),
+     ["inf-factors.npz: factor column 2 ('y_position') holds 1 non-finite value(s) (first: inf in row 0)"]),
+    ("ddpm-pickle-weights", lambda p, o: ["explain", "--model", str(p.root / "ddpm-pickled"), "--adapter", "ddpm", "--out", str(o)],
+     ["(UNet) has no .safetensors weights, only the pickle-based diffusion_pytorch_model.bin",
+      "pickles can run arbitrary code when loaded, so they are refused by default", "--allow-pickle"]),
+    ("ddpm-config-absurd", lambda p, o: ["explain", "--model", str(p.root / "ddpm-absurd"), "--adapter", "ddpm", "--out", str(o)],
+     ["unet/config.json: sample_size must be an integer in [1, 4096], got 1000000"]),
+    ("hf-hub-id-not-local-offline", lambda p, o: explain(p, o, "--backend", "hf:some-org/some-model"),
+     ["hf:some-org/some-model cannot be loaded from the hub or its local cache: it is not a local directory, "
+      "not in the local hub cache", "HF_HUB_OFFLINE is set",
+      "give a local directory instead (--backend hf:/path/to/dir"]),
+    ("hf-vlm-pickle-weights", lambda p, o: explain(p, o, "--backend", f"hf:{p.root / 'vlm-pickled'}"),
+     ["vlm-pickled (VLM) has no .safetensors weights, only the pickle-based pytorch_model.bin", "--allow-pickle"]),
+    ("make-data-out-under-a-file", lambda p, o: ["make-data", "--out", str(p.root / "file.txt" / "d.npz"), "--n", "2"],
+     ["file.txt is a file, so no directory can be made under it"]),
+    ("train-vae-out-is-a-file", lambda p, o: ["train-vae", "--data", str(p.data), "--out", str(p.root / "file.txt")],
+     ["file.txt exists and is not a directory"]),
 ]
 
 NEEDS_BACKEND = {"openai-missing-key": "openai", "openai-unreachable": "openai", "openai-bad-url": "openai",
-                 "hf-vlm-without-processor": "hf"}
+                 "hf-vlm-without-processor": "hf", "hf-hub-id-not-local-offline": "hf", "hf-vlm-pickle-weights": "hf"}
 
 
 def test_the_catalogue_is_big_enough_and_documented():
@@ -357,7 +417,9 @@ def test_disk_full_keeps_the_previous_results_and_says_resume(p, tmp_path, capsy
 
     def fsync(fd):
         calls["n"] += 1
-        if calls["n"] > 2:  # 1: the empty run, 2: latent z0, 3: latent z1 -> the disk is full
+        # 1: the empty run; 2, 3: strip and entry of z0 (strips are fsynced too); 4: strip of z1;
+        # 5: the entry of z1 -> the disk is full
+        if calls["n"] > 4:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_fsync(fd)
 
@@ -414,3 +476,230 @@ def test_key_never_written_with_the_openai_backend(p, tmp_path, capsys, caplog, 
     assert _files_holding(out, KEY) == [] and _files_holding(cache, KEY) == []
     assert KEY not in captured.out + captured.err + caplog.text
     assert read_results(out / RESULTS)["latents"][0]["explanation"] == "Increasing z0 makes the object larger."
+
+
+# ---------------------------------------------------------------------------------------------------
+# one loading policy: diffusers weights saved as pickle need --allow-pickle, like a VAE checkpoint
+
+
+def test_pickled_diffusers_unet_needs_allow_pickle_then_loads_the_same_weights(p):
+    from latentexplainer_plugin.adapters.diffusion import DDPMAdapter, load_ddpm
+
+    with pytest.raises(LoadError, match="only the pickle-based diffusion_pytorch_model.bin"):
+        load_ddpm(p.root / "ddpm-pickled")
+    with pytest.raises(LoadError, match="--allow-pickle"):
+        DDPMAdapter.from_pretrained(p.root / "ddpm-pickled", steps=2)
+    unet, _ = load_ddpm(p.root / "ddpm-pickled", allow_pickle=True)
+    expected = p.unet.state_dict()
+    loaded = unet.state_dict()
+    assert set(loaded) == set(expected)
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+
+def test_cli_allow_pickle_runs_a_pickled_ddpm_pipeline(p, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["explain", "--model", str(p.root / "ddpm-pickled"), "--adapter", "ddpm", "--allow-pickle",
+                 "--n-directions", "1", "--steps", "2", "--samples", "2", "--similarity", "bow", "--out", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert [e["id"] for e in read_results(out / RESULTS)["latents"]] == ["dir0"]
+
+
+def test_a_safetensors_pipeline_does_not_need_the_flag(p, tmp_path):
+    from latentexplainer_plugin.adapters.diffusion import load_ddpm
+
+    p.unet.save_pretrained(tmp_path / "unet")  # safetensors (the default)
+    (tmp_path / "unet" / "extra.bin").write_bytes(b"\x80\x02}q\x00.")  # a stray pickle next to it is not read
+    unet, _ = load_ddpm(tmp_path)
+    assert torch.equal(unet.conv_in.weight, p.unet.conv_in.weight)
+
+
+# ---------------------------------------------------------------------------------------------------
+# model configs that would need absurd memory; factors with NaN
+
+
+def test_parameter_count_on_the_meta_device_matches_a_real_model():
+    from latentexplainer_plugin.adapters.loading import check_parameter_count
+
+    config = ConvVAEConfig(latent_dim=5, image_size=32, width=8, hidden=32)
+    real = sum(t.numel() for t in ConvVAE(config).parameters())
+    assert check_parameter_count(lambda: ConvVAE(config), "cfg") == real
+    with pytest.raises(LoadError, match=f"the config describes a model with {real:,} parameters"):
+        check_parameter_count(lambda: ConvVAE(config), "cfg", limit=real - 1)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"latent_dim": 10**9}, "latent_dim must be an integer in [1, 4096], got 1000000000"),
+    ({"latent_dim": 2.5}, "latent_dim must be an integer in [1, 4096], got 2.5"),
+    ({"latent_dim": True}, "latent_dim must be an integer in [1, 4096], got True"),
+    ({"hidden": -1}, "hidden must be an integer in [1, 65536], got -1"),
+])
+def test_absurd_vae_configs_are_refused_before_the_model_is_built(p, tmp_path, monkeypatch, change, message):
+    from latentexplainer_plugin.adapters.vae import load_vae
+    from latentexplainer_plugin.demo import model as model_mod
+
+    shutil.copytree(p.model, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config | change))
+    monkeypatch.setattr(model_mod.ConvVAE, "__init__", lambda *a, **k: pytest.fail("the model was built"))
+    with pytest.raises(LoadError) as err:
+        load_vae(tmp_path / "m")
+    assert message in str(err.value) and str(tmp_path / "m" / "config.json") in str(err.value)
+
+
+def test_unet_configs_are_checked_field_by_field(p, tmp_path):
+    from latentexplainer_plugin.adapters.diffusion import load_ddpm
+
+    p.unet.save_pretrained(tmp_path / "unet")
+    config = json.loads((tmp_path / "unet" / "config.json").read_text())
+    for change, message in [({"in_channels": 0}, "in_channels must be an integer in [1, 64], got 0"),
+                            ({"block_out_channels": [16, 10**9]}, "block_out_channels must be an integer in [1, 8192], got [16, 1000000000]"),
+                            ({"block_out_channels": [8192, 8192], "layers_per_block": 64}, "parameters")]:
+        (tmp_path / "unet" / "config.json").write_text(json.dumps(config | change))
+        with pytest.raises(LoadError) as err:
+            load_ddpm(tmp_path)
+        assert message in str(err.value)
+
+
+def test_nan_factors_are_refused_when_the_data_is_read(p):
+    from latentexplainer_plugin.data import load_npz
+
+    with pytest.raises(LoadError) as err:
+        load_npz(p.root / "nan-factors.npz")
+    assert str(p.root / "nan-factors.npz") in str(err.value) and "factor column 1 ('x_position')" in str(err.value)
+    assert len(load_npz(p.data)["factor_names"]) == make_dataset(1, ShapesSpec(size=16))["factors"].shape[1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# an hf: hub id when the hub cannot be reached fails in seconds (transformers alone retries for minutes)
+
+
+@pytest.fixture
+def hub_online(monkeypatch):
+    """Undo the test suite's HF_HUB_OFFLINE for one test (huggingface_hub reads it at import)."""
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    import transformers
+
+    def never(*a, **k):
+        raise AssertionError("from_pretrained was called for a hub that cannot be reached")
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", never)
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", never)
+
+
+@pytest.mark.parametrize("server", ["closed-port", "silent-server"])
+def test_unreachable_hub_fails_within_seconds(p, tmp_path, capsys, monkeypatch, hub_online, server):
+    import time
+
+    if server == "closed-port":
+        endpoint, listener = f"http://127.0.0.1:{closed_port()}", None
+    else:  # accepts connections (the kernel's backlog) but never answers: only a timeout ends the wait
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    try:
+        started = time.monotonic()
+        code = main(explain(p, tmp_path / "out", "--backend", "hf:some-org/some-model"))
+        elapsed = time.monotonic() - started
+    finally:
+        if listener is not None:
+            listener.close()
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert elapsed < 15, f"took {elapsed:.1f} s"
+    assert ("hf:some-org/some-model cannot be loaded from the hub or its local cache: it is not a local directory, "
+            f"not in the local hub cache, and the hub at {endpoint} cannot be reached") in err
+    assert "give a local directory instead" in err and not (tmp_path / "out").exists()
+
+
+def test_hf_backend_api_refuses_an_unreachable_hub_id(monkeypatch, hub_online):
+    from latentexplainer_plugin.backends.base import BackendError
+    from latentexplainer_plugin.backends.hf import HFBackend
+
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    with pytest.raises(BackendError, match="hf:some-org/some-model cannot be loaded from the hub or its local cache: .* cannot be reached"):
+        HFBackend("some-org/some-model")
+
+
+def tiny_sd_pipeline(root: Path, safe: bool) -> dict:
+    """A tiny text-conditioned pipeline (unet, vae, text_encoder, tokenizer, scheduler) saved under ``root``."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    parts = {
+        "unet": UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                     norm_num_groups=8, attention_head_dim=4).eval(),
+        "vae": AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                             norm_num_groups=8, sample_size=16).eval(),
+        "text_encoder": CLIPTextModel(CLIPTextConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                     num_attention_heads=4, max_position_embeddings=8, bos_token_id=0,
+                                                     eos_token_id=0, pad_token_id=0)).eval(),
+    }
+    for name, part in parts.items():
+        part.save_pretrained(root / name, safe_serialization=safe)
+    if not safe:  # transformers 5 always writes safetensors: write the old pickle layout by hand
+        (root / "text_encoder" / "model.safetensors").unlink()
+        torch.save(parts["text_encoder"].state_dict(), root / "text_encoder" / "pytorch_model.bin")
+    vocab = Tokenizer(models.WordLevel({"<pad>": 0, "<unk>": 1, "a": 2, "face": 3}, unk_token="<unk>"))
+    vocab.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=vocab, pad_token="<pad>", unk_token="<unk>",
+                            model_max_length=8).save_pretrained(root / "tokenizer")
+    DDIMScheduler().save_pretrained(root / "scheduler")
+    return parts
+
+
+def test_pickled_stable_diffusion_parts_need_allow_pickle(tmp_path):
+    from latentexplainer_plugin.adapters.stable_diffusion import load_stable_diffusion
+
+    parts = tiny_sd_pipeline(tmp_path / "sd", safe=False)
+    pickled = {name: sorted(f.name for f in (tmp_path / "sd" / name).iterdir() if f.suffix == ".bin") for name in parts}
+    assert all(pickled.values()), pickled  # each part really was saved as a pickle
+    with pytest.raises(LoadError, match=r"sd/unet \(unet\) has no .safetensors weights.*--allow-pickle"):
+        load_stable_diffusion(tmp_path / "sd")
+    loaded = load_stable_diffusion(tmp_path / "sd", allow_pickle=True)
+    for name, part in parts.items():
+        expected, got = part.state_dict(), loaded[name].state_dict()
+        assert all(torch.equal(got[k], expected[k]) for k in expected), name
+    for name in ("unet", "vae"):  # convert those two; the text encoder alone is still a pickle
+        shutil.rmtree(tmp_path / "sd" / name)
+        parts[name].save_pretrained(tmp_path / "sd" / name)
+    with pytest.raises(LoadError, match=r"sd/text_encoder \(text_encoder\) has no .safetensors weights, only the pickle-based pytorch_model.bin"):
+        load_stable_diffusion(tmp_path / "sd")
+
+
+@pytest.mark.parametrize("adapter", ["ddpm", "sd"])
+def test_diffusers_hub_id_fails_within_seconds_when_offline_or_unreachable(p, tmp_path, capsys, monkeypatch, adapter):
+    import time
+
+    out = tmp_path / "out"
+    argv = ["explain", "--model", "some-org/some-pipeline", "--adapter", adapter, "--out", str(out), "--quiet"]
+    assert main(argv) == 2  # the suite runs with HF_HUB_OFFLINE=1
+    assert "--model some-org/some-pipeline cannot be loaded from the hub or its local cache: it is not a local directory" in capsys.readouterr().err
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    started = time.monotonic()
+    assert main(argv) == 2
+    assert time.monotonic() - started < 15
+    assert "cannot be reached" in capsys.readouterr().err and not out.exists()
+
+
+def test_hf_backend_api_refuses_a_pickle_only_vlm_directory(p):
+    from latentexplainer_plugin.backends.base import BackendError
+    from latentexplainer_plugin.backends.hf import HFBackend
+
+    with pytest.raises(BackendError, match="only the pickle-based pytorch_model.bin; pickles can run arbitrary code"):
+        HFBackend(str(p.root / "vlm-pickled"))

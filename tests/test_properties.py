@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from latentexplainer_plugin.biases.base import build_prompt
 from latentexplainer_plugin.biases.builtin import BUILTIN_BIASES
 from latentexplainer_plugin.results import LatentResult
-from latentexplainer_plugin.store import RESULTS, RunStore, atomic_write_text, read_results, strip_name
+from latentexplainer_plugin.store import RESULTS, RunStore, atomic_write_text, entry_problems, read_results, strip_name
 from latentexplainer_plugin.types import Response, Traversal
 
 CORE = ("id", "index", "status", "explanation", "certainty", "clear", "responses", "strip", "error")
@@ -128,7 +128,7 @@ def test_reader_edge_cases(scratch):
     deep.write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(ValueError, match="not valid JSON|not a results file"):
         read_results(deep)
-    with pytest.raises(ValueError, match="cannot be read"):
+    with pytest.raises(ValueError, match="is a directory, not a regular file"):
         read_results(scratch)  # a directory
     with pytest.raises(ValueError, match="does not exist"):
         read_results(scratch / "missing.json")
@@ -229,9 +229,12 @@ def test_run_store_round_trip_and_resume(header, run_settings, found):
             json.loads((run / RESULTS).read_text(), parse_constant=lambda c: pytest.fail(f"{c} in results.json"))
         data = store.finish()
 
-        assert data["schema_version"] == 1 and data["status"] == "complete"
+        statuses = [r.status for r in latents]  # complete only when every latent is ok
+        expected_status = ("complete" if all(s == "ok" for s in statuses) else
+                           "failed" if "ok" not in statuses and "failed" in statuses else "incomplete")
+        assert data["schema_version"] == 1 and data["status"] == expected_status
         for key, value in header.items():
-            if key not in ("schema_version", "settings", "status", "latents"):
+            if key not in ("schema_version", "settings", "status", "counts", "latents"):
                 assert normalised(data[key]) == _finite(normalised(value))
         by_id = {e["id"]: e for e in data["latents"]}
         assert [e["index"] for e in data["latents"]] == sorted(r.index for r in latents)
@@ -247,8 +250,14 @@ def test_run_store_round_trip_and_resume(header, run_settings, found):
                 assert entry["strip"] is None
 
         # a resume with the same (not yet JSON-normalised) settings is accepted and keeps the ok entries
+        # that pass its checks; a well-formed one (its strip written, clear only with an explanation,
+        # no extra overriding a checked key) always passes
         again = RunStore(run, header, run_settings, resume=True)
-        assert set(again.entries) == {r.id for r in latents if r.status == "ok"}
+        assert set(again.entries) == {e["id"] for e in data["latents"] if e["status"] == "ok" and not entry_problems(e, run)}
+        for result, extra in zip(latents, extras):
+            if (result.status == "ok" and result.traversal is not None and not {"timing", "usage"} & set(extra)
+                    and (not result.clear or (result.explanation or "").strip())):
+                assert result.id in again.entries
         again.release()
         assert not (run / ".lock").exists()
 

@@ -2,7 +2,10 @@
 
 The interruption tests start ``latentexplainer explain`` in a subprocess with a backend slowed down
 on purpose: a throw-away plugin distribution (entry point group ``latentexplainer``) registers
-backend ``slow`` = the offline explainer plus a sleep and a log line per latent it is asked about.
+backend ``slow`` = the offline explainer plus a log line per latent it is asked about. With
+``LE_SLOW_GATE`` set it lets one latent through, then waits before the next one until the gate file
+exists: the test interrupts it while it waits, so the run is exactly one latent in however loaded
+the machine is (no race between the test's signal and the run's progress).
 """
 
 from __future__ import annotations
@@ -45,12 +48,19 @@ class SlowOffline(OfflineBackend):
 
     name = "slow"
 
+    asked = 0
+
     def explain(self, traversal, prompt, n):
         log = os.environ.get("LE_SLOW_LOG")
         if log:
             with open(log, "a") as f:
                 f.write(f"{os.getpid()} {traversal.latent_id}\\n")
-        time.sleep(float(os.environ.get("LE_SLOW_SLEEP", "0")))
+        gate = os.environ.get("LE_SLOW_GATE")
+        SlowOffline.asked += 1
+        if gate and SlowOffline.asked > 1:
+            deadline = time.monotonic() + 600  # the test signals long before; never hang a test run forever
+            while not os.path.exists(gate) and time.monotonic() < deadline:
+                time.sleep(0.01)
         return super().explain(traversal, prompt, n)
 
 
@@ -68,9 +78,17 @@ def tiny(tmp_path_factory):
     """A VAE trained for a few steps (3 latents, some with clear explanations) and a reference run."""
     root = tmp_path_factory.mktemp("resume")
     np.savez(root / "data.npz", **make_dataset(64, ShapesSpec(size=16), seed=3))
-    assert main(["train-vae", "--data", str(root / "data.npz"), "--out", str(root / "model"), "--steps", "30",
-                 "--latents", str(N_LATENTS), "--batch-size", "8", "--quiet"]) == 0
-    assert main([*explain_args(root, root / "reference"), "--backend", "offline"]) == 0
+    # One thread throughout, like the runs compared with this reference (the subprocess has
+    # OMP_NUM_THREADS=1, tests run with 1): train-vae's default picks the idle cores and keeps that
+    # setting, which made the reference depend on the machine's load.
+    threads = torch.get_num_threads()
+    try:
+        assert main(["train-vae", "--data", str(root / "data.npz"), "--out", str(root / "model"), "--steps", "30",
+                     "--latents", str(N_LATENTS), "--batch-size", "8", "--threads", "1", "--quiet"]) == 0
+        torch.set_num_threads(1)
+        assert main([*explain_args(root, root / "reference"), "--backend", "offline"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     return root
 
 
@@ -94,7 +112,6 @@ def slow_here(plugin_dir, monkeypatch, tmp_path):
     monkeypatch.delenv("LATENTEXPLAINER_NO_PLUGINS", raising=False)
     monkeypatch.delenv("LATENTEXPLAINER_PLUGINS", raising=False)
     monkeypatch.setenv("LE_SLOW_LOG", str(log))
-    monkeypatch.setenv("LE_SLOW_SLEEP", "0")
     plugins.reset()
     yield log
     sys.modules.pop("le_slow_plugin", None)
@@ -106,27 +123,27 @@ def explain_args(root: Path, out: Path) -> list[str]:
             "--samples", "2", "--similarity", "bow", "--strengths=-8,0,8", "--quiet"]
 
 
-def start_slow_run(root: Path, out: Path, plugin_dir: Path, log: Path, sleep: float = 1.5) -> subprocess.Popen:
+def start_slow_run(root: Path, out: Path, plugin_dir: Path, log: Path) -> subprocess.Popen:
+    """The run in a subprocess; it finishes one latent, then waits at the gate (``log``'s ``.gate``)."""
     env = {k: v for k, v in os.environ.items() if k not in ("LATENTEXPLAINER_NO_PLUGINS", "LATENTEXPLAINER_PLUGINS")}
     env |= {"PYTHONPATH": os.pathsep.join([str(plugin_dir), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-            "LE_SLOW_LOG": str(log), "LE_SLOW_SLEEP": str(sleep), "OMP_NUM_THREADS": "1"}
+            "LE_SLOW_LOG": str(log), "LE_SLOW_GATE": str(log.with_suffix(".gate")), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "latentexplainer_plugin.cli", *explain_args(root, out), "--backend", "slow"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_first_latent(proc: subprocess.Popen, out: Path, timeout: float = 150) -> dict:
-    """Poll results.json until a latent is in it; every read on the way must be a valid results file."""
+def wait_for_first_latent(proc: subprocess.Popen, out: Path, log: Path, timeout: float = 300) -> dict:
+    """Wait until the run has written its first latent and asked the backend for the second one
+    (it then waits at the gate); every read of results.json on the way must be a valid results file.
+    The loop polls files the run writes: its pause is a polling interval, not a guess at timing."""
     path = out / RESULTS
     deadline = time.monotonic() + timeout
-    reads = 0
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"the run ended early (rc {proc.returncode}): {proc.stderr.read()[-2000:]}")
         if path.exists():
             data = read_results(path)  # never a partial file, whenever we look
-            reads += 1
-            if data["latents"]:
-                assert reads >= 1
+            if data["latents"] and len(log_lines(log)) >= 2:
                 return data
         time.sleep(0.05)
     proc.kill()
@@ -182,7 +199,7 @@ def test_sigkill_midway_then_resume(tiny, plugin_dir, slow_here, tmp_path):
     log = slow_here
     proc = start_slow_run(tiny, out, plugin_dir, log)
     try:
-        wait_for_first_latent(proc, out)
+        wait_for_first_latent(proc, out, log)
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:
@@ -192,7 +209,7 @@ def test_sigkill_midway_then_resume(tiny, plugin_dir, slow_here, tmp_path):
     data = read_results(out / RESULTS)  # valid JSON, only complete entries
     assert data["status"] == "running"
     killed_done = {e["id"] for e in data["latents"]}
-    assert 1 <= len(killed_done) < N_LATENTS
+    assert killed_done == {log_lines(log)[0][1]}  # one latent: the run waits at the gate before its second
     check_complete_entries(out, data)
     first = log_lines(log)
 
@@ -211,7 +228,7 @@ def test_interrupt_exits_130_says_resume_then_resume(tiny, plugin_dir, slow_here
     log = slow_here
     proc = start_slow_run(tiny, out, plugin_dir, log)
     try:
-        wait_for_first_latent(proc, out)
+        wait_for_first_latent(proc, out, log)
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -222,7 +239,7 @@ def test_interrupt_exits_130_says_resume_then_resume(tiny, plugin_dir, slow_here
     data = read_results(out / RESULTS)
     assert data["status"] == "interrupted"
     done = {e["id"] for e in data["latents"]}
-    assert 1 <= len(done) < N_LATENTS
+    assert done == {log_lines(log)[0][1]}  # one latent: the run waited at the gate before its second
     check_complete_entries(out, data)
     assert not (out / LOCK).exists()  # released on the way out
 

@@ -99,12 +99,16 @@ def _is_local(path: str | Path) -> bool:
     return p.exists() or str(path).startswith((".", "/", "~")) or p.is_absolute()
 
 
-def load_ddpm(path_or_id: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None):
+def load_ddpm(path_or_id: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+              allow_pickle: bool = False):
     """``(unet, scheduler)`` from a pipeline directory or hub id (``unet/`` + ``scheduler/``) or a bare UNet.
 
     The scheduler is always a :class:`diffusers.DDIMScheduler` built from the saved scheduler
-    config (a DDPM config works too); without one, DDIM's default config is used.
+    config (a DDPM config works too); without one, DDIM's default config is used. Weights saved
+    only as pickle (``.bin``) are refused unless ``allow_pickle`` (then read with weights_only=True);
+    a local config whose sizes would need absurd memory is refused before anything is built.
     """
+    from .loading import SCHEDULER_LIMITS, UNET_LIMITS, check_config_sizes, check_pickle_policy, use_safetensors
     from diffusers import DDIMScheduler, UNet2DModel
 
     dtype = parse_dtype(dtype) or torch.float32
@@ -122,11 +126,27 @@ def load_ddpm(path_or_id: str | Path, device: str | torch.device = "cpu", dtype:
         _check_unet_class(root / (unet_sub or "") / "config.json")
         sched_sub = "scheduler" if (root / "scheduler" / "scheduler_config.json").is_file() else (
             "" if (root / "scheduler_config.json").is_file() else False)
+        from ..safe_load import read_config
+
+        unet_config = root / (unet_sub or "") / "config.json"
+        check_config_sizes(read_config(unet_config), UNET_LIMITS, unet_config)
+        if sched_sub is not False:
+            sched_config = root / (sched_sub or "") / "scheduler_config.json"
+            check_config_sizes(read_config(sched_config), SCHEDULER_LIMITS, sched_config)
+        check_unet_parameters(UNet2DModel, unet_config)
+        check_pickle_policy(root / (unet_sub or ""), allow_pickle, "UNet")
     else:
+        from ..hub import hub_problem
+
+        problem = hub_problem(source, ("unet/config.json", "config.json"))
+        if problem is not None:  # seconds, not the minutes of diffusers' retries
+            raise LoadError(f"--model {source} {problem}; give the local directory of a pipeline (unet/ and scheduler/) "
+                            "or of a UNet saved with save_pretrained(dir)")
         root, unet_sub, sched_sub = source, "unet", "scheduler"
     low_memory = importlib.util.find_spec("accelerate") is not None  # else diffusers warns on every load
     try:
-        unet = _from_pretrained(UNet2DModel, str(root), unet_sub, torch_dtype=dtype, low_cpu_mem_usage=low_memory)
+        unet = _from_pretrained(UNet2DModel, str(root), unet_sub, torch_dtype=dtype, low_cpu_mem_usage=low_memory,
+                                use_safetensors=use_safetensors(allow_pickle, root / (unet_sub or "") if _is_local(source) else None))
     except (OSError, ValueError) as exc:
         raise LoadError(f"could not load a UNet2DModel from {source}: {exc}") from exc
     if sched_sub is False:
@@ -147,6 +167,21 @@ def _from_pretrained(cls: Any, root: str, subfolder: str | None, **kwargs: Any) 
         if not subfolder or _is_local(root):
             raise
         return cls.from_pretrained(root, **kwargs)
+
+
+def check_unet_parameters(cls: Any, config_path: Path) -> None:
+    """Count the parameters of the model ``config_path`` describes, on the meta device (no memory)."""
+    from ..safe_load import read_config
+    from .loading import check_parameter_count
+
+    config = {k: v for k, v in read_config(config_path).items() if not k.startswith("_")}
+    try:
+        check_parameter_count(lambda: cls.from_config(config), config_path)
+    except LoadError:
+        raise
+    except Exception as exc:  # diffusers raises many types for configs it cannot build
+        raise LoadError(f"{config_path}: not a valid {cls.__name__} config ({type(exc).__name__}: "
+                        f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''})") from None
 
 
 def _check_unet_class(config_path: Path) -> None:
@@ -250,9 +285,11 @@ class DDPMAdapter(Adapter):
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = "float32",
-                        steps: int = 50, t_edit: int | None = None, **options: Any) -> "DDPMAdapter":
-        """Load ``UNet2DModel`` + ``DDIMScheduler`` (pipeline layout, hub id or bare UNet directory)."""
-        unet, scheduler = load_ddpm(path_or_id, device=device, dtype=dtype)
+                        steps: int = 50, t_edit: int | None = None, allow_pickle: bool = False,
+                        **options: Any) -> "DDPMAdapter":
+        """Load ``UNet2DModel`` + ``DDIMScheduler`` (pipeline layout, hub id or bare UNet directory);
+        ``allow_pickle`` accepts ``.bin`` weights (see :func:`load_ddpm`)."""
+        unet, scheduler = load_ddpm(path_or_id, device=device, dtype=dtype, allow_pickle=allow_pickle)
         return cls(unet, scheduler, steps=steps, t_edit=t_edit, model_id=str(path_or_id), **options)
 
     # -- shapes, bases, directions -------------------------------------------------------------

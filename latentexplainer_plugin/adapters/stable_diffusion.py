@@ -107,9 +107,11 @@ class StableDiffusionAdapter(DDPMAdapter):
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = "float32",
-                        steps: int = 50, t_edit: int | None = None, **options: Any) -> "StableDiffusionAdapter":
-        """Load a Stable Diffusion pipeline (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``)."""
-        parts = load_stable_diffusion(path_or_id, device=device, dtype=dtype)
+                        steps: int = 50, t_edit: int | None = None, allow_pickle: bool = False,
+                        **options: Any) -> "StableDiffusionAdapter":
+        """Load a Stable Diffusion pipeline (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``);
+        ``allow_pickle`` accepts ``.bin`` weights (see :func:`load_stable_diffusion`)."""
+        parts = load_stable_diffusion(path_or_id, device=device, dtype=dtype, allow_pickle=allow_pickle)
         return cls(parts.pop("unet"), parts.pop("scheduler"), steps=steps, t_edit=t_edit, model_id=str(path_or_id),
                    **parts, **options)
 
@@ -130,10 +132,18 @@ class StableDiffusionAdapter(DDPMAdapter):
 
 
 def load_stable_diffusion(path_or_id: str | Path, device: str | torch.device = "cpu",
-                          dtype: str | torch.dtype | None = None) -> dict[str, Any]:
-    """The parts of a Stable Diffusion pipeline directory or hub id, with a DDIMScheduler."""
+                          dtype: str | torch.dtype | None = None, allow_pickle: bool = False) -> dict[str, Any]:
+    """The parts of a Stable Diffusion pipeline directory or hub id, with a DDIMScheduler.
+
+    Weights saved only as pickle (``.bin``) are refused unless ``allow_pickle`` (then read with
+    weights_only=True); local configs whose sizes would need absurd memory are refused first.
+    """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
+
+    from .diffusion import check_unet_parameters
+    from .loading import AUTOENCODER_LIMITS, SCHEDULER_LIMITS, TEXT_ENCODER_LIMITS, UNET_LIMITS
+    from .loading import check_config_sizes, check_pickle_policy, use_safetensors
 
     dtype = parse_dtype(dtype) or torch.float32
     source = str(path_or_id)
@@ -142,11 +152,37 @@ def load_stable_diffusion(path_or_id: str | Path, device: str | torch.device = "
         raise LoadError(f"{local} is not a Stable Diffusion pipeline directory (needs unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
     low_memory = importlib.util.find_spec("accelerate") is not None
     root = str(local) if local.exists() else source
+    if not local.exists():
+        from ..hub import hub_problem
+
+        problem = hub_problem(source, "unet/config.json")
+        if problem is not None:  # seconds, not the minutes of diffusers' retries
+            raise LoadError(f"--model {source} {problem}; give the local directory of a Stable Diffusion pipeline "
+                            "(unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+    if local.is_dir():
+        from ..safe_load import read_config
+
+        for sub, file, limits in (("unet", "config.json", UNET_LIMITS), ("vae", "config.json", AUTOENCODER_LIMITS),
+                                  ("text_encoder", "config.json", TEXT_ENCODER_LIMITS),
+                                  ("scheduler", "scheduler_config.json", SCHEDULER_LIMITS)):
+            if (local / sub / file).is_file():
+                check_config_sizes(read_config(local / sub / file), limits, local / sub / file)
+        if (local / "unet" / "config.json").is_file():
+            check_unet_parameters(UNet2DConditionModel, local / "unet" / "config.json")
+        for sub in ("unet", "vae", "text_encoder"):
+            check_pickle_policy(local / sub, allow_pickle, sub)
+
+    def safe(folder: Path) -> bool | None:
+        return use_safetensors(allow_pickle, folder if local.is_dir() else None)
+
     try:
         parts = {
-            "unet": UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=dtype, low_cpu_mem_usage=low_memory),
-            "vae": AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype, low_cpu_mem_usage=low_memory),
-            "text_encoder": CLIPTextModel.from_pretrained(root, subfolder="text_encoder"),
+            "unet": UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=dtype, low_cpu_mem_usage=low_memory,
+                                                         use_safetensors=safe(local / "unet")),
+            "vae": AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype, low_cpu_mem_usage=low_memory,
+                                                 use_safetensors=safe(local / "vae")),
+            "text_encoder": CLIPTextModel.from_pretrained(root, subfolder="text_encoder",
+                                                        use_safetensors=safe(local / "text_encoder")),
             "tokenizer": AutoTokenizer.from_pretrained(root, subfolder="tokenizer"),
             "scheduler": DDIMScheduler.from_pretrained(root, subfolder="scheduler"),
         }

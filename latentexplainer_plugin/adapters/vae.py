@@ -49,13 +49,32 @@ def load_vae(path: str | Path, device: str = "cpu", allow_pickle: bool = False) 
     path = Path(path)
     if not path.exists():
         raise LoadError(f"model path {path} does not exist")
+    from .loading import AUTOENCODER_LIMITS, CONV_VAE_LIMITS, MAX_CONV_VAE_PARAMETERS, check_config_sizes, check_parameter_count
+    from .loading import check_pickle_policy, use_safetensors
+
     config = read_config(path / "config.json")
     if config.get("_class_name") == "AutoencoderKL":
         from diffusers import AutoencoderKL
 
-        return AutoencoderKL.from_pretrained(str(path), use_safetensors=True).to(device).eval()
-    from ..demo.model import ConvVAE
+        check_config_sizes(config, AUTOENCODER_LIMITS, path / "config.json")
+        check_pickle_policy(path, allow_pickle, "AutoencoderKL")
+        try:
+            model = AutoencoderKL.from_pretrained(str(path), use_safetensors=use_safetensors(allow_pickle, path))
+        except (OSError, ValueError) as exc:
+            raise LoadError(f"could not load an AutoencoderKL from {path}: {str(exc).strip().splitlines()[0][:300]}") from None
+        return model.to(device).eval()
+    from dataclasses import fields
 
+    from ..demo.model import ConvVAE, ConvVAEConfig
+
+    if config.get("model_type", "conv-vae") == "conv-vae":
+        check_config_sizes(config, CONV_VAE_LIMITS, path / "config.json")
+        known = {f.name for f in fields(ConvVAEConfig)}
+        try:
+            cfg = ConvVAEConfig(**{k: v for k, v in config.items() if k in known})
+        except (TypeError, ValueError) as exc:
+            raise LoadError(f"{path / 'config.json'}: {exc}") from None
+        check_parameter_count(lambda: ConvVAE(cfg), path / "config.json", MAX_CONV_VAE_PARAMETERS)
     return ConvVAE.from_pretrained(path, device=device, allow_pickle=allow_pickle)
 
 

@@ -33,12 +33,15 @@ class Directions:
 
     def save(self, path: str | Path) -> Path:
         """Write a safetensors file; provenance goes into its metadata as JSON."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
+
+        from ..safe_io import atomic_write_bytes
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"directions": self.vectors.detach().contiguous().cpu()}, str(path),
-                  metadata={"provenance": json.dumps(self.provenance, sort_keys=True, default=str)})
+        data = save({"directions": self.vectors.detach().contiguous().cpu()},
+                    metadata={"provenance": json.dumps(self.provenance, sort_keys=True, default=str)})
+        atomic_write_bytes(path, data)  # no link followed, never a half-written file
         return path
 
     @classmethod
