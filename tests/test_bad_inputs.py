@@ -475,7 +475,10 @@ def test_key_never_written_with_the_openai_backend(p, tmp_path, capsys, caplog, 
     assert code == 0, captured.err
     assert _files_holding(out, KEY) == [] and _files_holding(cache, KEY) == []
     assert KEY not in captured.out + captured.err + caplog.text
-    assert read_results(out / RESULTS)["latents"][0]["explanation"] == "Increasing z0 makes the object larger."
+    # the server's answers arrived and were kept (whether the latent is clear depends on its images:
+    # an untrained VAE shows no consistent change, so the evidence gate keeps it unclear)
+    entry = read_results(out / RESULTS)["latents"][0]
+    assert [r["text"] for r in entry["responses"]] == ["Increasing z0 makes the object larger."] * 2
 
 
 # ---------------------------------------------------------------------------------------------------

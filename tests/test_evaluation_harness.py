@@ -339,3 +339,13 @@ def test_demo_model_meets_the_acceptance_target(tmp_path):
     m = ev["metrics"]
     assert m["factor_accuracy"] >= 0.9, harness.summary_lines(ev)
     assert m["abstention_auroc"] >= 0.95, harness.summary_lines(ev)
+
+
+def test_false_clear_rate_counts_clear_latents_that_capture_nothing():
+    from latentexplainer_plugin.evaluation.harness import false_clear_rate
+
+    rows = [{"label": False, "clear": True}, {"label": False, "clear": False}, {"label": False, "clear": False},
+            {"label": False, "clear": True}, {"label": True, "clear": True}]
+    assert false_clear_rate(rows) == pytest.approx(2 / 4)
+    assert false_clear_rate([{"label": True, "clear": True}]) is None  # no negatives: undefined, not 0
+    assert false_clear_rate([{"factor": None, "clear": False}]) == 0.0  # label from "factor" when absent

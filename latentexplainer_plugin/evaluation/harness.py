@@ -11,6 +11,8 @@ Metrics (per similarity measure, side by side):
 
 * ``factor_accuracy``: among active latents that capture a factor, the share whose explanation is
   clear and names that factor (an unclear answer counts as a miss);
+* ``false_clear_rate``: among latents that capture no factor, the share called clear (explaining
+  noise; the number to watch on random-weight or collapsed models);
 * ``abstention_auroc``: how well certainty separates latents that capture a factor (label 1)
   from those that capture none (label 0), ``sklearn.metrics.roc_auc_score``;
 * ``accuracy`` / ``balanced_accuracy`` of "clear" as a predictor of the label at the run's
@@ -92,6 +94,15 @@ def abstention_auroc(rows: Sequence[dict[str, Any]]) -> float | None:
     if len(set(y)) < 2:
         return None
     return float(roc_auc_score(y, [float(r["certainty"]) for r in scored]))
+
+
+def false_clear_rate(rows: Sequence[dict[str, Any]]) -> float | None:
+    """Share of latents that capture no factor but were called clear (the explainer explaining
+    noise); None when every latent captures a factor."""
+    negatives = [r for r in rows if not _label(r)]
+    if not negatives:
+        return None
+    return sum(bool(r.get("clear")) for r in negatives) / len(negatives)
 
 
 def abstention_accuracy(rows: Sequence[dict[str, Any]]) -> dict[str, float | None]:
@@ -237,6 +248,7 @@ def _summarize_measure(evaluation: dict[str, Any], measure: str, threshold: floa
     out: dict[str, Any] = {"threshold": _round(threshold, 6), "threshold_source": source,
                            "auroc": _round(abstention_auroc(rows)),
                            "factor_accuracy": _round(factor_accuracy(rows)),
+                           "false_clear_rate": _round(false_clear_rate(rows)),
                            "n_clear": sum(bool(r["clear"]) for r in rows)}
     out |= {k: _round(v) for k, v in abstention_accuracy(rows).items()}
     # held-out thresholds: leave one latent out over the latents with a certainty
@@ -256,6 +268,7 @@ def _summarize_measure(evaluation: dict[str, Any], measure: str, threshold: floa
         "threshold_mean": _round(float(np.mean(used))) if used else None,
         "threshold_std": _round(float(np.std(used))) if used else None,
         "factor_accuracy": _round(factor_accuracy(cv_rows)),
+        "false_clear_rate": _round(false_clear_rate(cv_rows)),
     } | {k: _round(v) for k, v in abstention_accuracy(cv_rows).items()}
     # reference metrics of the kept explanations of factor-aligned latents
     hyps, refs = [], []
@@ -390,6 +403,7 @@ def evaluate_run(run_dir: str | Path, model: Any, data: dict[str, Any], *, data_
         "n_unjudgeable": sum(bool(e.get("unjudgeable")) and e["active"] for e in latents),
         "unjudgeable_factors": unjudgeable,
         "factor_accuracy": by_sim[run_sim]["factor_accuracy"],
+        "false_clear_rate": by_sim[run_sim]["false_clear_rate"],
         "abstention_auroc": by_sim[run_sim]["auroc"],
         "by_similarity": by_sim,
     }
@@ -588,6 +602,7 @@ def markdown(ev: dict[str, Any]) -> str:
     rows = [("threshold", lambda b: f"{b['threshold']:.3f} ({b['threshold_source']})"),
             ("abstention AUROC", lambda b: _fmt(b["auroc"])),
             ("factor accuracy at threshold", lambda b: _fmt(b["factor_accuracy"])),
+            ("false-clear rate at threshold", lambda b: _fmt(b["false_clear_rate"])),
             ("abstention accuracy at threshold", lambda b: _fmt(b["accuracy"])),
             ("abstention balanced accuracy at threshold", lambda b: _fmt(b["balanced_accuracy"])),
             ("held-out thresholds (mean ± sd)", lambda b: f"{_fmt(b['cv']['threshold_mean'])} ± {_fmt(b['cv']['threshold_std'])} ({b['cv']['scheme']})"),
@@ -681,7 +696,8 @@ def summary_lines(ev: dict[str, Any]) -> list[str]:
     lines = [f"evaluation: {m['n_latents']} latents, {m['n_active']} active, {m['n_aligned']} capture a factor"]
     for sim in ev["similarities"]:
         b = m["by_similarity"][sim]
-        lines.append(f"  {sim:>5}: factor_accuracy {_fmt(b['factor_accuracy'])}  abstention_auroc {_fmt(b['auroc'])}  "
+        lines.append(f"  {sim:>5}: factor_accuracy {_fmt(b['factor_accuracy'])}  false_clear {_fmt(b['false_clear_rate'])}  "
+                     f"abstention_auroc {_fmt(b['auroc'])}  "
                      f"held-out accuracy {_fmt(b['cv']['accuracy'])} (threshold {b['threshold']:.3f}, {b['threshold_source']})")
     d = m.get("disentanglement") or {}
     if d:
