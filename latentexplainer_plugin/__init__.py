@@ -28,6 +28,7 @@ _EXPORTS = {
     "Explanation": "types",
     "Adapter": "adapters",
     "VAEAdapter": "adapters",
+    "GeneratorAdapter": "adapters",
     "DDPMAdapter": "adapters",
     "StableDiffusionAdapter": "adapters",
     "Backend": "backends.base",

@@ -1,13 +1,15 @@
 """The ``latentexplainer`` command line: demo, explain, train-vae, train-demo, make-data, evaluate, calibrate, plugins.
 
 Exit codes: 0 every latent has a result; 1 some latents failed; 2 bad input (nothing was run);
-130 interrupted (finished latents are kept; rerun with --resume).
+130 interrupted (finished latents are kept; rerun with --resume); 3 internal error (a bug: the
+traceback is written to a file whose path is printed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -24,12 +26,38 @@ class UsageError(Exception):
     """Bad command-line input, found before any expensive work."""
 
 
+DEFAULT_TRAIN_STEPS = 2000  # = demo.train.DEFAULT_STEPS (kept here so the parser needs no torch import)
+
+TRAIN_VAE_EPILOG = """\
+defaults (why each; docs/training.md has the measurements):
+  objective   beta-TCVAE (Chen et al. 2018): closed-form KL per latent + (beta-1) * total correlation
+  warm-up     KL/TC weight 0 -> 1 over the first quarter of the steps (Bowman et al. 2016; Sønderby
+              et al. 2016): latents get used before the KL cost can switch them off (posterior collapse)
+  beta        normalised (Higgins et al. 2017): beta_norm * H*W*C / latents, so the balance against the
+              summed reconstruction term does not depend on the image size
+  free bits   1 nat per latent is free (Kingma et al. 2016) for the first 40 % of the steps, fading to 0
+              at 80 %: latents stay alive until the decoder uses them (warm-up alone lost the objects
+              of shapes2), and unused ones still collapse by the end, so the activity report is honest
+  capacity    annealing (Burgess et al. 2018) is off; --capacity 25 forces information through
+  threads     the free cores: 2 on an idle 2-core machine, 1 when another process keeps a core busy
+              (measured on 2 shared cores: 1 thread 0.55 steps/s, 2 threads 0.28 steps/s)
+
+time: the defaults (2000 steps x 64 images of 64x64 = 128k images) take about 3 minutes on an idle
+2-core CPU (one idle core trains 730 images/s), proportionally longer when other processes share the
+cores (35-50 minutes each with 6-8 other CPU-bound processes on 2 cores; docs/training.md).
+
+At the end it prints the KL of every latent, the active ones (KL > 0.05 nats) and, when the data has
+factors, the factor each captures; all of it goes into config.json under "training". It warns loudly
+when most latents collapsed.
+"""
+
+
 def _add_explain_options(p: argparse.ArgumentParser, default_out: str | None) -> None:
     p.add_argument("--out", default=default_out, required=default_out is None, help="run directory to write")
     p.add_argument("--backend", default="offline", help="offline | openai:MODEL | hf:PATH_OR_ID | a plugin's backend")
     p.add_argument("--samples", type=int, default=5, help="answers per latent (n); default 5")
     p.add_argument("--bias", default=None, help="inductive bias: disentanglement | combination | conditional | a plugin's (default: the adapter's; vae: disentanglement, ddpm: combination)")
-    p.add_argument("--similarity", default="embed", help="certainty measure: embed (sentence embeddings) | bow (bag of words)")
+    p.add_argument("--similarity", default="agree", help="certainty measure: agree (same attribute and direction; default) | embed (sentence embeddings) | bow (the paper's bag of words, exactly) | bow-refined (docs/concepts.md)")
     p.add_argument("--threshold", type=float, default=None, help="certainty threshold in [0,1] (default: per similarity)")
     p.add_argument("--strengths", default=None, help="comma-separated traversal values (default -3,-1.5,0,1.5,3)")
     p.add_argument("--latents", default=None, help="comma-separated latent indices to explain (default: all)")
@@ -64,8 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_explain_options(p, "latentexplainer-demo")
 
     p = sub.add_parser("explain", help="explain the latents of a model")
-    p.add_argument("--model", required=True, help="model directory (train-vae output) or hub id")
-    p.add_argument("--adapter", default="vae", help="vae | a plugin's adapter")
+    p.add_argument("--model", required=True,
+                   help="model directory (train-vae output), hub id, or a generator in code: path/to/file.py:factory "
+                        "or package.module:factory (a function returning an nn.Module whose forward(z) gives images)")
+    p.add_argument("--adapter", default=None,
+                   help="vae (default for directories) | generator (default for file.py:factory) | ddpm | sd | a plugin's adapter")
+    p.add_argument("--latent-dim", type=int, default=None,
+                   help="latent size of a generator that does not tell (no latent_dim/z_dim/nz attribute)")
     p.add_argument("--site", default=None, help="latent site, e.g. decoder.input or mid_block.output (default: per architecture)")
     p.add_argument("--data", default=None, help="npz with images (and factors) to measure KL and captured factors")
     p.add_argument("--allow-pickle", action="store_true",
@@ -80,13 +113,34 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--guidance-scale", type=float, default=7.5, help="sd: classifier-free guidance weight (default 7.5; <= 1: none)")
     _add_explain_options(p, None)
 
-    p = sub.add_parser("train-vae", help="train a beta-TCVAE on an npz of images")
+    p = sub.add_parser("train-vae", help="train a beta-TCVAE on an npz of images",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TRAIN_VAE_EPILOG)
     p.add_argument("--data", required=True, help="npz with images (N,H,W,3) uint8, optional factors and factor_names")
     p.add_argument("--out", required=True, help="directory for config.json and model.safetensors")
-    p.add_argument("--latents", type=int, default=10)
-    p.add_argument("--steps", type=int, default=6000)
-    p.add_argument("--beta", type=float, default=6.0)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--latents", type=int, default=10, help="latent dimensions (default 10)")
+    p.add_argument("--steps", type=int, default=DEFAULT_TRAIN_STEPS, help=f"optimiser steps (default {DEFAULT_TRAIN_STEPS})")
+    p.add_argument("--batch-size", type=int, default=64, help="images per step (default 64)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, cosine-decayed to 5%% (default 1e-3)")
+    p.add_argument("--beta", type=float, default=None,
+                   help="weight of the total-correlation term (Chen et al. 2018); default: from --beta-norm")
+    p.add_argument("--beta-norm", type=float, default=0.005,
+                   help="normalised beta (Higgins et al. 2017): beta = max(1, beta_norm * H*W*C / latents); "
+                        "default 0.005 (6.1 for 64x64 RGB, 10 latents)")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="KL warm-up: the KL/TC weight rises 0 -> 1 over these steps (Bowman et al. 2016, "
+                        "Sønderby et al. 2016); default a quarter of --steps; 0: off")
+    p.add_argument("--free-bits", type=float, default=1.0,
+                   help="nats per latent whose KL is free (Kingma et al. 2016), faded out (see --free-bits-steps); default 1; 0: off")
+    p.add_argument("--free-bits-steps", type=int, default=None,
+                   help="free bits held for the first half of these steps, then linearly to 0 here; default 0.8 x --steps; 0: never faded")
+    p.add_argument("--capacity", type=float, default=0.0,
+                   help="capacity annealing C_max in nats (Burgess et al. 2018): the KL is pulled to C(t); default 0 (off)")
+    p.add_argument("--capacity-steps", type=int, default=None, help="steps over which C(t) rises to C_max (default: half of --steps)")
+    p.add_argument("--capacity-weight", type=float, default=100.0, help="gamma of |KL - C(t)| (default 100)")
+    p.add_argument("--recon-scale", type=float, default=1.0,
+                   help="multiplies the Bernoulli log-likelihood; > 1 weighs reconstruction more (default 1)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads; default 0: the cores not already busy (1 or 2 on 2 cores)")
+    p.add_argument("--stop-on-collapse", action="store_true", help="stop early when most latents collapsed after the warm-up")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
 
@@ -99,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--n", type=int, default=20000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dataset", default="shapes", choices=("shapes", "shapes2"),
-                   help="shapes: the demo's data; shapes2: other shapes, a tinted gradient background, other ranges")
+    p.add_argument("--dataset", default="shapes", choices=("shapes", "shapes2", "shapes3"),
+                   help="shapes: the demo's data; shapes2: other shapes, a tinted gradient background, other ranges; "
+                        "shapes3: ellipse/cross/triangle, pastel colours, a cool gradient darker at the top, wider ranges")
 
     p = sub.add_parser("evaluate", help="explain a VAE, then score the explanations against the data's ground-truth factors")
     p.add_argument("--model", required=True, help="VAE directory (train-vae output)")
@@ -143,12 +198,14 @@ def check_reachable(url: str, timeout: float = 5.0) -> None:
     import urllib.request
     from urllib.parse import urlsplit
 
+    from .backends.openai_compat import redact_url
+
     parts = urlsplit(url)
     host = parts.hostname
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
-        raise UsageError(f"--base-url {url!r} has an invalid port") from None
+        raise UsageError(f"--base-url {redact_url(url)!r} has an invalid port") from None
     if not host:
         return
     proxies = urllib.request.getproxies()
@@ -212,6 +269,7 @@ def _validate_explain(args: argparse.Namespace) -> dict[str, Any]:
 
     from .backends.base import BackendError
     from .backends.hf import check_vlm_dir, resolve_dtype
+    from .backends.openai_compat import check_env_name, redact_url
 
     _, backend_arg = parse_backend_spec(args.backend)
     flags = {"--base-url": args.base_url, "--api-key-env": args.api_key_env, "--concurrency": args.concurrency,
@@ -221,8 +279,8 @@ def _validate_explain(args: argparse.Namespace) -> dict[str, Any]:
     given = [flag for flag, value in flags.items() if value is not None]
     if args.concurrency is not None and args.concurrency < 1:
         raise UsageError(f"--concurrency must be >= 1, got {args.concurrency}")
-    if args.timeout is not None and not args.timeout > 0:
-        raise UsageError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise UsageError(f"--timeout must be > 0 seconds, got {args.timeout} (a finite number: the deadline of one whole request)")
     if args.max_retries is not None and args.max_retries < 0:
         raise UsageError(f"--max-retries must be >= 0, got {args.max_retries}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
@@ -230,9 +288,12 @@ def _validate_explain(args: argparse.Namespace) -> dict[str, Any]:
     if args.base_url is not None:
         parts = urlsplit(args.base_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise UsageError(f"--base-url must be an http:// or https:// URL, got {args.base_url!r}")
-    if args.api_key_env is not None and not args.api_key_env.strip():
-        raise UsageError("--api-key-env must name an environment variable")
+            raise UsageError(f"--base-url must be an http:// or https:// URL, got {redact_url(args.base_url)!r}")
+    if args.api_key_env is not None:
+        try:
+            check_env_name(args.api_key_env)  # a key pasted here is refused without being echoed
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     if args.dtype is not None:
         try:
             resolve_dtype(args.dtype)
@@ -251,12 +312,20 @@ def _validate_explain(args: argparse.Namespace) -> dict[str, Any]:
     elif name == "hf":
         if not (backend_arg or "").strip():
             raise UsageError("--backend hf:PATH_OR_ID needs a model directory or hub id, e.g. hf:Qwen/Qwen2.5-VL-3B-Instruct")
-        if Path(backend_arg).expanduser().is_dir():
-            try:
+        try:
+            if Path(backend_arg).expanduser().is_dir():
                 check_vlm_dir(Path(backend_arg).expanduser())
-            except BackendError as exc:
-                raise UsageError(str(exc)) from None
-        options = {"device": args.device, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens} | cache
+                from .adapters.loading import check_pickle_policy
+
+                check_pickle_policy(Path(backend_arg).expanduser(), getattr(args, "allow_pickle", False), "VLM")
+            elif not Path(backend_arg).expanduser().exists():
+                from .backends.hf import check_hub_model
+
+                check_hub_model(backend_arg)  # an unreachable hub fails here, in seconds, before any model loads
+        except BackendError as exc:
+            raise UsageError(str(exc)) from None
+        options = {"device": args.device, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
+                   "allow_pickle": True if getattr(args, "allow_pickle", False) else None} | cache
     elif name == "offline":
         if given:
             raise UsageError(f"{', '.join(given)}: not used by the offline backend (it calls no model)")
@@ -329,6 +398,10 @@ def _explain(args: argparse.Namespace, model: Any, adapter: str | None, header: 
     if callable(stats_of) and stats_of().get("enabled"):
         cached = stats_of()
         print(f"response cache: {cached['hits']} samples reused, {cached['misses']} asked")
+    usage = data.get("usage") or {}
+    if usage.get("requests"):
+        print(f"tokens: {usage.get('prompt_tokens', 0)} prompt + {usage.get('completion_tokens', 0)} completion "
+              f"in {usage['requests']} requests")
     print(f"wrote {Path(args.out) / 'results.json'} and report.html in {time.perf_counter() - started:.1f} s")
     return code
 
@@ -372,6 +445,8 @@ def _explain_diffusion(args: argparse.Namespace, checked: dict[str, Any], data: 
             scale = args.edit_scale if args.edit_scale == "auto" else float(args.edit_scale)
         except ValueError:
             raise ValueError(f"--edit-scale must be auto or a positive number, got {args.edit_scale!r}") from None
+        if getattr(args, "allow_pickle", False):  # only then: a plugin's adapter need not know the option
+            options["allow_pickle"] = True
         adapter = cls.from_pretrained(args.model, device=args.device, dtype=args.dtype or "float32", steps=args.steps,
                                       t_edit=args.t_edit, site=args.site, scale=scale, **options)
         saved = Path(args.out) / "directions.safetensors"
@@ -390,6 +465,15 @@ def _explain_diffusion(args: argparse.Namespace, checked: dict[str, Any], data: 
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    from .adapters.generator import is_code_spec
+
+    if args.adapter is None:
+        args.adapter = "generator" if is_code_spec(args.model) else "vae"
+    if args.latent_dim is not None and args.adapter != "generator":
+        raise UsageError(f"--latent-dim is for generators in code (--model file.py:factory); the {args.adapter} "
+                         "adapter reads the latent size from the model")
+    if args.latent_dim is not None and args.latent_dim < 1:
+        raise UsageError(f"--latent-dim must be >= 1, got {args.latent_dim}")
     checked = _validate_explain(args)
     from .data import load_npz
     from .run import latent_stats
@@ -400,7 +484,18 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .adapters.vae import load_vae
 
     model_path = Path(args.model)
-    if args.adapter == "vae":
+    options: dict[str, Any] = {}
+    if args.adapter == "generator":
+        from .adapters.generator import load_generator
+
+        try:
+            model = load_generator(args.model, latent_dim=args.latent_dim)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"--model {args.model}: {exc}") from None
+        stats = None
+        if args.latent_dim is not None:
+            options["latent_dim"] = args.latent_dim
+    elif args.adapter == "vae":
         if not model_path.exists():
             raise UsageError(f"--model {args.model}: no such directory (a VAE directory holds config.json and model.safetensors)")
         try:
@@ -413,32 +508,78 @@ def cmd_explain(args: argparse.Namespace) -> int:
     else:
         model = args.model
         stats = None
-    options = {"site": args.site} if args.site else {}
+    if args.site:
+        options["site"] = args.site
     header = {"model": str(args.model), "data": str(args.data) if args.data else None}
     return _explain(args, model, args.adapter, header, stats, checked, options)
 
 
 def cmd_train_vae(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     from .data import load_npz
     from .demo.model import ConvVAEConfig
-    from .demo.train import TrainConfig, train_vae
+    from .demo.train import beta_from_normalized, default_train_config, latent_report, train_vae
 
     if args.steps < 1 or args.latents < 1 or args.batch_size < 2:
         raise UsageError("--steps and --latents must be >= 1 and --batch-size >= 2")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory; give a new or existing directory for the model")
+    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not probe.is_dir():
+        raise UsageError(f"--out {out}: {probe} is a file, so no directory can be made under it")
+    if not os.access(probe, os.W_OK):
+        raise UsageError(f"--out {out}: {probe} is not writable")
     data = load_npz(args.data)
     images = data["images"]
     try:
         mcfg = ConvVAEConfig(latent_dim=args.latents, image_size=images.shape[1], channels=images.shape[3])
+        beta = args.beta if args.beta is not None else beta_from_normalized(args.beta_norm, mcfg.image_size, mcfg.channels, mcfg.latent_dim)
+        overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "beta": beta, "seed": args.seed,
+                     "free_bits": args.free_bits, "capacity": args.capacity, "capacity_weight": args.capacity_weight,
+                     "recon_scale": args.recon_scale, "threads": args.threads, "stop_on_collapse": args.stop_on_collapse,
+                     "capacity_steps": args.capacity_steps if args.capacity_steps is not None else args.steps // 2}
+        if args.free_bits_steps is not None:
+            overrides["free_bits_steps"] = args.free_bits_steps
+        if args.warmup_steps is not None:
+            overrides["warmup_steps"] = args.warmup_steps
+        cfg = default_train_config(mcfg.image_size, mcfg.channels, mcfg.latent_dim, **overrides)
     except ValueError as exc:
-        raise UsageError(f"{args.data}: {exc}") from None
-    model, history = train_vae(images, mcfg, TrainConfig(steps=args.steps, beta=args.beta, batch_size=args.batch_size, seed=args.seed),
-                               progress=not args.quiet)
-    extra = {"training": {"steps": args.steps, "beta": args.beta, "seed": args.seed, "data": str(args.data), "final": history[-1]}}
+        raise UsageError(f"{exc}") from None
+    started = time.perf_counter()
+    model, history = train_vae(images, mcfg, cfg, progress=not args.quiet)
+    seconds = time.perf_counter() - started
+    report = latent_report(model, images, data.get("factors"), data.get("factor_names"), seed=args.seed)
+    training = asdict(cfg) | {"beta_norm": args.beta_norm if args.beta is None else None, "data": str(args.data),
+                              "threads_used": history[-1]["threads"], "seconds": round(seconds, 1),
+                              "steps_per_second": round(history[-1]["step"] / max(history[-1]["seconds"], 1e-9), 2),
+                              "stopped_early": history[-1]["stopped_early"], "final": history[-1]} | report
+    extra = {"training": training}
     if "factor_names" in data:
         extra["factor_names"] = data["factor_names"]
-    model.save_pretrained(args.out, extra=extra)
-    print(f"saved {args.out} (final loss {history[-1]['loss']:.1f})")
+    model.save_pretrained(out, extra=extra)
+    _print_latent_report(report)
+    print(f"saved {out} ({history[-1]['step'] + 1} steps in {seconds / 60:.1f} min, {training['threads_used']} thread(s); "
+          f"final loss {history[-1]['loss']:.1f})")
+    if report["warning"]:
+        bar = "!" * 78
+        print(f"{bar}\nlatentexplainer train-vae: warning: {report['warning']}\n{bar}", file=sys.stderr)
     return 0
+
+
+def _print_latent_report(report: dict[str, Any]) -> None:
+    captured = {c["latent"]: c for c in report.get("captured", [])}
+    print(f"active latents (KL > {report['kl_active_threshold']} nats): {report['n_active']} of "
+          f"{len(report['kl_per_latent'])}: {', '.join(f'z{i}' for i in report['active_latents']) or 'none'}")
+    for i, kl in enumerate(report["kl_per_latent"]):
+        line = f"  z{i}: KL {kl:7.3f} nats  {'active' if i in report['active_latents'] else 'collapsed'}"
+        if i in captured:
+            c = captured[i]
+            line += f"  captures {c['factor']} (NMI {c['nmi']:.2f})" if c["factor"] else "  captures nothing"
+        print(line)
+    if "captured_factors" in report:
+        print(f"factors captured: {len(report['captured_factors'])}: {', '.join(report['captured_factors']) or 'none'}")
 
 
 def cmd_train_demo(args: argparse.Namespace) -> int:
@@ -456,13 +597,33 @@ def cmd_make_data(args: argparse.Namespace) -> int:
 
     if args.dataset == "shapes2":
         from .demo.shapes2 import make_dataset
+    elif args.dataset == "shapes3":
+        from .demo.shapes3 import make_dataset
     else:
         from .demo.shapes import make_dataset
 
     if args.n < 1:
         raise UsageError(f"--n must be >= 1, got {args.n}")
-    np.savez_compressed(args.out, **make_dataset(args.n, seed=args.seed))
-    print(f"wrote {args.out} ({args.n} images)")
+    # numpy adds .npz to a name without it; say (and check) the path really written.
+    if not str(args.out).strip():
+        raise UsageError("--out must name the .npz file to write, got ''")
+    if Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a directory; give a file name, e.g. {Path(args.out) / 'shapes.npz'}")
+    out = Path(args.out if str(args.out).endswith(".npz") else f"{args.out}.npz")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory; give a file name, e.g. {out / 'shapes.npz'}")
+    # a missing directory is created (like train-vae and explain create theirs); a file in the way is refused
+    blocker = next((p for p in out.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise UsageError(f"--out {out}: {blocker} is a file, so no directory can be made under it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot create {out.parent} ({exc.strerror or exc})") from None
+    if not os.access(out.parent, os.W_OK):
+        raise UsageError(f"--out {out}: {out.parent} is not writable")
+    np.savez_compressed(out, **make_dataset(args.n, seed=args.seed))
+    print(f"wrote {out} ({args.n} images)")
     return 0
 
 
@@ -500,18 +661,140 @@ def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt  # SIGTERM (a job scheduler, `kill`) ends a run like Ctrl-C: marked, resumable
 
 
+#: Integer options -> (lowest, highest) allowed (None: checked by the command, with its own message).
+#: Upper bounds keep absurd values (``--seed 2**70``, ``--samples 10**9``) from overflowing or running forever.
+INT_LIMITS: dict[str, tuple[int | None, int | None]] = {
+    "seed": (0, 2**63 - 1), "samples": (None, 1000), "n": (None, 1_000_000), "latents": (None, 4096),
+    "batch_size": (None, 65536), "steps": (None, 10_000_000), "n_directions": (None, 4096), "top_k": (None, 1_000_000),
+    "concurrency": (None, 1024), "max_retries": (None, 100), "max_new_tokens": (None, 1_000_000),
+    "max_images": (None, 10_000_000), "threads": (None, 1024),
+}
+INT_DEFAULT_LIMITS = (-(2**31 - 1), 2**31 - 1)
+
+
+def check_out(args: argparse.Namespace) -> None:
+    """``--out ''`` (or only spaces) would silently mean the current directory: refuse it."""
+    out = getattr(args, "out", None)
+    if out is not None and not str(out).strip():
+        raise UsageError(f"--out {out!r} is empty; give the path to write to, e.g. --out runs/demo")
+
+
+def check_int_limits(args: argparse.Namespace) -> None:
+    """Refuse integer options outside the range this program can handle (see :data:`INT_LIMITS`)."""
+    for dest, value in vars(args).items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            continue
+        lo, hi = INT_LIMITS.get(dest, INT_DEFAULT_LIMITS)
+        flag = "--" + dest.replace("_", "-")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            allowed = f"an integer in [{lo}, {hi}]" if lo is not None else f"at most {hi}"
+            raise UsageError(f"{flag} must be {allowed}, got {value}")
+
+
+class _PipeSafeStdout:
+    """Wraps stdout: once the reader has gone (``latentexplainer plugins | head -1``), further output
+    is dropped instead of raising BrokenPipeError, so the command ends quietly with its own exit code."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._broken = False
+
+    def _drop(self) -> None:
+        self._broken = True
+        try:  # the interpreter flushes the real stdout at exit: send what is buffered to /dev/null
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass  # not a real file (captured by a test harness)
+
+    def write(self, text: str) -> int:
+        if not self._broken:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._drop()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._broken:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._drop()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _show_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    """Plugin warnings as one plain line on stderr (no source location: it is not the user's code)."""
+    print(f"latentexplainer: warning: {message}", file=sys.stderr)
+
+
+EXIT_INTERNAL_ERROR = 3
+
+
+def _internal_error(command: str, exc: BaseException, args: argparse.Namespace | None = None) -> int:
+    """A bug, not bad input: one line on stderr, the full traceback in a file, exit code 3."""
+    import tempfile
+    import traceback
+
+    import re
+
+    secrets = [v for v in (os.environ.get(n, "") for n in {"OPENAI_API_KEY", getattr(args, "api_key_env", None) or ""} if n)
+               if len(v) >= 8]
+
+    def scrub(text: str) -> str:  # credentials in URLs and the API key never reach the screen or the file
+        text = re.sub(r"(\w+://)[^/\s@:]+:[^/\s@]*@", r"\1***@", text)
+        for secret in secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    summary = scrub(str(exc).strip().splitlines()[0][:300]) if str(exc).strip() else ""
+    where = "could not be written"
+    try:
+        fd, path = tempfile.mkstemp(prefix="latentexplainer-crash-", suffix=".txt")
+        with os.fdopen(fd, "w", encoding="utf-8", errors="replace") as f:
+            f.write(scrub(f"latentexplainer {command}: {' '.join(sys.argv[1:])}\n\n"))
+            f.write(scrub("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))))
+        where = f"written to {path}"
+    except OSError:
+        pass
+    cause = ("This looks like a problem of this machine (disk, memory, permissions), not of your input"
+             if isinstance(exc, (OSError, MemoryError)) else "This is a bug in latentexplainer, not in your input")
+    print(f"latentexplainer {command}: internal error: {type(exc).__name__}{': ' + summary if summary else ''}\n"
+          f"{cause}; the full traceback was {where} (please attach it to a bug report).", file=sys.stderr)
+    return EXIT_INTERNAL_ERROR
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .backends.base import BackendError
+    import warnings
+
+    from .backends.base import BackendError, FatalBackendError
+    from .plugins import PluginWarning
     from .safe_load import LoadError
     from .store import RunStoreError
 
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    real_stdout, stdout = sys.stdout, _PipeSafeStdout(sys.stdout)
+    sys.stdout = stdout  # type: ignore[assignment]
+    warning_state = warnings.catch_warnings()
+    warning_state.__enter__()
+    default_show = warnings.showwarning
+    warnings.showwarning = lambda m, c, *a, **k: (_show_warning if issubclass(c, PluginWarning) else default_show)(m, c, *a, **k)
     try:
+        check_int_limits(args)
+        check_out(args)
         return COMMANDS[args.command](args)
     except (UsageError, LoadError, RunStoreError, BackendError) as exc:
         print(f"latentexplainer {args.command}: error: {exc}", file=sys.stderr)
+        out = getattr(args, "out", None)
+        if isinstance(exc, FatalBackendError) and out and (Path(out) / "results.json").is_file():
+            print(f"Finished latents are saved in {out}; fix the cause, then rerun the same command with --resume.",
+                  file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         out = getattr(args, "out", None)
@@ -519,7 +802,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = f" Finished latents are saved in {out}; rerun the same command with --resume to continue." if started else ""
         print(f"\nlatentexplainer {args.command}: interrupted.{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - anything else is a bug: summarise, keep the traceback, exit 3
+        return _internal_error(args.command, exc, args)
     finally:
+        stdout.flush()
+        sys.stdout = real_stdout
+        warning_state.__exit__(None, None, None)
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
 

@@ -44,3 +44,13 @@ def test_readme_python_example_runs_as_written(capsys):
     for line in lines:
         latent, importance, certainty, *explanation = line.split(" ", 3)
         assert latent.startswith("z") and float(importance) > 0 and 0 <= float(certainty) <= 1
+
+
+def test_own_generator_example_prints_what_the_page_says(capsys):
+    import re
+
+    page = (ROOT / "docs" / "own-generator.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", page, re.S)[0]
+    printed = page.split("prints\n\n```\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "docs/own-generator.md", "exec"), {})
+    assert capsys.readouterr().out == printed
