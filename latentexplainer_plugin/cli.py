@@ -76,7 +76,7 @@ def _add_explain_options(p: argparse.ArgumentParser, default_out: str | None) ->
     g.add_argument("--base-url", default=None, metavar="URL", help="OpenAI-compatible API root (default https://api.openai.com/v1; Ollama: http://localhost:11434/v1)")
     g.add_argument("--api-key-env", default=None, metavar="NAME", help="environment variable that holds the API key (default OPENAI_API_KEY)")
     g.add_argument("--concurrency", type=int, default=None, metavar="N", help="most requests in flight at once (openai; default 8)")
-    g.add_argument("--timeout", type=float, default=None, metavar="S", help="seconds per HTTP request (openai; default 60)")
+    g.add_argument("--timeout", type=float, default=None, metavar="S", help="deadline in seconds of one whole HTTP request, body included (openai; default 60)")
     g.add_argument("--max-retries", type=int, default=None, metavar="N", help="retries after 429/5xx/timeouts/dropped connections (openai; default 4)")
     g.add_argument("--dtype", default=None, help="hf model dtype: float32 | float16 | bfloat16 (default float32 on CPU, bfloat16 on CUDA)")
     g.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="most tokens per answer (openai: max_tokens, default 200; hf: default 120)")
@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept a pickle checkpoint (.pt/.bin) when the model has no safetensors; read with torch.load(weights_only=True)")
     d = p.add_argument_group("diffusion models (--adapter ddpm | sd); see docs/diffusion.md")
-    d.add_argument("--direction", default="pca", help="h-space direction finder: pca | pullback | conditional (needs --data) | a plugin's | a directions .safetensors file")
+    d.add_argument("--direction", default=None, help="direction finder: ddpm/sd h-space: pca (default) | pullback | conditional (needs --data); "
+                   "generator latent space: sefa | ganspace (default: the latent axes); a plugin's; a directions .safetensors file")
     d.add_argument("--n-directions", type=int, default=None, metavar="K", help="directions to find (default 8; conditional: one per binary factor)")
     d.add_argument("--steps", type=int, default=50, help="denoising steps per image (default 50)")
     d.add_argument("--t-edit", type=int, default=None, help="edit h on every step with timestep t >= T (default: half the training timesteps)")
@@ -437,6 +438,7 @@ def _explain_diffusion(args: argparse.Namespace, checked: dict[str, Any], data: 
         raise UsageError(f"the {args.bias!r} bias compares {rows} rows with another latent clamped; h-space directions have no "
                          f"other latent to clamp: use --bias combination (the {args.adapter} default) or conditional")
     try:
+        args.direction = args.direction or "pca"
         if resolve_direction_spec(args.direction)[0] == "conditional":
             if args.adapter == "sd":
                 raise ValueError("--direction conditional inverts the --data images, which the sd adapter cannot do; use pca, pullback or a file")
@@ -464,6 +466,26 @@ def _explain_diffusion(args: argparse.Namespace, checked: dict[str, Any], data: 
     return _explain(args, adapter, args.adapter, header, None, checked)
 
 
+def _explain_generator_directions(args: argparse.Namespace, model: Any, options: dict[str, Any],
+                                  checked: dict[str, Any]) -> int:
+    """--adapter generator --direction sefa|ganspace|FILE: explain directions in the generator's latent space."""
+    from .adapters.diffusion import find_directions, resolve_direction_spec
+    from .adapters.generator import GeneratorAdapter
+
+    try:
+        if resolve_direction_spec(args.direction)[0] == "conditional":
+            raise ValueError("--direction conditional needs DDIM inversion (ddpm adapter); for a generator use sefa, ganspace or a file")
+        adapter = GeneratorAdapter(model, site=args.site, **options)
+        directions = find_directions(adapter, args.direction, args.n_directions, seed=args.seed)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from None
+    if args.force or not (Path(args.out) / "results.json").exists():  # never clobber another run's file
+        directions.save(Path(args.out) / "directions.safetensors")
+    header = {"model": str(args.model), "data": None,
+              "directions": {"file": "directions.safetensors", "finder": directions.provenance.get("finder"), "count": len(directions)}}
+    return _explain(args, adapter, "generator", header, None, checked)
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from .adapters.generator import is_code_spec
 
@@ -474,6 +496,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
                          "adapter reads the latent size from the model")
     if args.latent_dim is not None and args.latent_dim < 1:
         raise UsageError(f"--latent-dim must be >= 1, got {args.latent_dim}")
+    if args.direction is not None and args.adapter == "vae":
+        raise UsageError("--direction: the vae adapter explains its latent axes; directions are for --adapter generator "
+                         "(sefa, ganspace, a file) and the diffusion adapters (ddpm, sd)")
+    if args.direction is not None and args.adapter == "generator" and args.bias is None:
+        args.bias = "combination"  # a direction has no other latent to clamp
     checked = _validate_explain(args)
     from .data import load_npz
     from .run import latent_stats
@@ -495,6 +522,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         stats = None
         if args.latent_dim is not None:
             options["latent_dim"] = args.latent_dim
+        if args.direction is not None:
+            return _explain_generator_directions(args, model, options, checked)
     elif args.adapter == "vae":
         if not model_path.exists():
             raise UsageError(f"--model {args.model}: no such directory (a VAE directory holds config.json and model.safetensors)")

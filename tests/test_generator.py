@@ -45,6 +45,24 @@ SQUARE_GAN = textwrap.dedent('''
 
     def not_a_module():
         return 3
+
+
+    class LinearSquare(SquareGAN):
+        """fc reads z: its first output moves the square (along z0 + z1), its second sets the colour (z2)."""
+
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2, bias=False)
+            with torch.no_grad():
+                self.fc.weight.copy_(torch.tensor([[2.0, 2.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]))
+
+        def forward(self, z):
+            p = self.fc(z)
+            return super().forward(torch.stack([p[:, 0] / 2.0, p[:, 1] * 2.0, z[:, 3], z[:, 3]], 1))
+
+
+    def make_linear():
+        return LinearSquare()
 ''')
 
 
@@ -141,3 +159,77 @@ def test_cli_refuses_latent_dim_for_other_adapters_and_bad_specs(tmp_path, capsy
     assert "--latent-dim is for generators in code" in capsys.readouterr().err
     assert main(["explain", "--model", f"{tmp_path / 'nope.py'}:make", "--out", str(tmp_path / "o")]) == 2
     assert "no such Python file" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# GAN directions: SeFa (closed form) and GANSpace (PCA of an early layer, regressed onto z)
+
+
+def test_sefa_is_the_top_eigenvectors_of_the_first_weight(gen_file):
+    from latentexplainer_plugin.directions import sefa
+
+    found = sefa(GeneratorAdapter(load_generator(f"{gen_file}:make_linear")), n_directions=2)
+    # by hand: A = [[2, 2, 0, 0], [0, 0, 1, 0]], A^T A has eigenvalues 8 (along (1, 1, 0, 0)) and 1 (along e2)
+    assert found.provenance["eigenvalues"] == [pytest.approx(8.0), pytest.approx(1.0)]
+    assert torch.allclose(found.vectors[0], torch.tensor([1.0, 1.0, 0.0, 0.0]) / 2 ** 0.5, atol=1e-6)
+    assert torch.allclose(found.vectors[1], torch.tensor([0.0, 0.0, 1.0, 0.0]), atol=1e-6)
+
+
+def test_sefa_on_a_dcgan_first_layer_matches_numpy_svd():
+    import numpy as np
+
+    from latentexplainer_plugin.directions import sefa
+
+    torch.manual_seed(3)
+    gen = DCGen(5)
+    found = sefa(GeneratorAdapter(gen), n_directions=3)
+    a = gen.net[0].weight.detach().double().reshape(5, -1).T.numpy()  # y = A z: (out * kh * kw, 5)
+    _, _, vt = np.linalg.svd(a)
+    for k in range(3):
+        assert abs(float(np.dot(found.vectors[k].double().numpy(), vt[k]))) > 1 - 1e-6
+
+
+def test_ganspace_recovers_the_dominant_input_direction():
+    import numpy as np
+
+    from latentexplainer_plugin.directions import ganspace
+
+    torch.manual_seed(0)
+    gen = LinearGen(6)
+    with torch.no_grad():
+        gen.fc.weight[:, 2] *= 10.0  # the first layer's output varies most along z2, then z4
+        gen.fc.weight[:, 4] *= 5.0
+    found = ganspace(GeneratorAdapter(gen), n_directions=2, n_samples=800)
+    _, _, vt = np.linalg.svd(gen.fc.weight.detach().double().numpy())
+    for k in range(2):
+        assert abs(float(np.dot(found.vectors[k].double().numpy(), vt[k]))) > 0.99
+    assert found.provenance["explained"][0] > found.provenance["explained"][1]
+
+
+def test_cli_explains_sefa_and_ganspace_directions(gen_file, tmp_path):
+    out = tmp_path / "sefa"
+    assert main(["explain", "--model", f"{gen_file}:make_linear", "--direction", "sefa", "--n-directions", "2",
+                 "--out", str(out), "--quiet"]) == 0
+    data = read_results(out / "results.json")
+    by_id = {e["id"]: e for e in data["latents"]}
+    assert data["bias"] == "combination" and (out / "directions.safetensors").is_file()
+    assert by_id["d0"]["clear"] and "left to right" in by_id["d0"]["explanation"]
+    assert by_id["d1"]["clear"] and "colour" in by_id["d1"]["explanation"]
+    out = tmp_path / "ganspace"
+    assert main(["explain", "--model", f"{gen_file}:make", "--direction", "ganspace", "--n-directions", "2",
+                 "--out", str(out), "--quiet"]) == 0
+    named = sorted(e["explanation"] or "" for e in read_results(out / "results.json")["latents"])
+    assert any("left to right" in t or "right to left" in t for t in named) and any("colour" in t for t in named)
+
+
+def test_direction_errors(gen_file, tmp_path, capsys):
+    adapter = GeneratorAdapter(load_generator(f"{gen_file}:make"))
+    with pytest.raises(ValueError, match="directions have 3 values each, but the latent has 4"):
+        adapter.set_directions(torch.ones(2, 3))
+    from latentexplainer_plugin.directions import sefa
+
+    with pytest.raises(ValueError, match="SeFa factorises the weight of the layer that reads z; use ganspace"):
+        sefa(adapter)
+    assert main(["explain", "--model", str(tmp_path), "--adapter", "vae", "--direction", "pca",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "the vae adapter explains its latent axes" in capsys.readouterr().err

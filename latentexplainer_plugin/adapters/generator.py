@@ -119,6 +119,8 @@ class GeneratorAdapter(VAEAdapter):
         self.max_batch = max_batch
         self.device = torch.device(device)
         self._features = None
+        self.directions: torch.Tensor | None = None  # (K, D) unit vectors once set_directions is called
+        self.provenance: dict[str, Any] = {}
         self.output_range = (0.0, 1.0)
         self.output_range = self._probe_range() if output_range == "auto" else self._check_range(output_range)
 
@@ -137,8 +139,42 @@ class GeneratorAdapter(VAEAdapter):
         images = self.driver(self.sample_bases(8, seed=0).to(self.device))
         return (-1.0, 1.0) if float(images.min()) < -0.01 else (0.0, 1.0)
 
+    # -- directions (SeFa, GANSpace, a file): traversed with the add rule instead of latent axes
+    def set_directions(self, directions: Any) -> None:
+        """Explain directions (K, D) in latent space instead of the D latent axes; each is normalised."""
+        from ..directions import Directions
+
+        found = directions if isinstance(directions, Directions) else Directions(torch.as_tensor(directions, dtype=torch.float32))
+        vectors = found.vectors.float().reshape(len(found), -1)
+        if vectors.shape[1] != self.latent_dim:
+            raise ValueError(f"directions have {vectors.shape[1]} values each, but the latent has {self.latent_dim}")
+        self.directions = vectors / vectors.norm(dim=1, keepdim=True)
+        self.provenance = dict(found.provenance)
+
+    @property
+    def n_latents(self) -> int:
+        return self.latent_dim if self.directions is None else len(self.directions)
+
+    def latent_id(self, index: int) -> str:
+        return f"z{index}" if self.directions is None else f"d{index}"
+
+    def traverse(self, indices: Any, bases: torch.Tensor, strengths: Any, rows: int = 1, **kwargs: Any) -> list:
+        if self.directions is None:
+            return super().traverse(indices, bases, strengths, rows, **kwargs)
+        if rows > 1:
+            raise ValueError(f"a latent direction has no other latent to clamp, so the bias cannot compare {rows} rows: "
+                             "use the combination bias")
+        indices = [self.check_index(i) for i in indices]
+        out = super().traverse([], bases, strengths, 1, directions=self.directions[indices], **kwargs)
+        for traversal, i in zip(out, indices):  # name each by its own direction, not its place in the chunk
+            traversal.latent_id, traversal.index = self.latent_id(i), i
+        return out
+
     def describe(self) -> dict[str, Any]:
-        return super().describe() | {"latent_shape": list(self.latent_shape), "output_range": list(self.output_range)}
+        info = super().describe() | {"latent_shape": list(self.latent_shape), "output_range": list(self.output_range)}
+        if self.directions is not None:
+            info["directions"] = {"count": len(self.directions), "finder": self.provenance.get("finder")}
+        return info
 
 
 def load_generator(spec: str, latent_dim: int | None = None) -> nn.Module:

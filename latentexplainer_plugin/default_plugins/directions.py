@@ -5,10 +5,12 @@ from ..hookspecs import hookimpl
 
 @hookimpl
 def latentexplainer_register_direction_finders(register):
-    from ..directions import axes, conditional, given, pca, pullback
+    from ..directions import axes, conditional, ganspace, given, pca, pullback, sefa
 
     register("axes", axes)
     register("given", given)
     register("pca", pca)
     register("pullback", pullback)
     register("conditional", conditional)
+    register("sefa", sefa)
+    register("ganspace", ganspace)
