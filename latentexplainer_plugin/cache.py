@@ -18,17 +18,26 @@ Default directory: ``$XDG_CACHE_HOME/latentexplainer/responses``, or
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+import logging
 import os
-import tempfile
 import threading
+import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
+from . import safe_io
 from .backends.base import Backend
 from .types import Prompt, Response, Traversal
 
-__all__ = ["ResponseCache", "CachedBackend", "default_cache_dir"]
+__all__ = ["ResponseCache", "CachedBackend", "CacheWriteWarning", "default_cache_dir"]
+
+log = logging.getLogger(__name__)
+
+
+class CacheWriteWarning(UserWarning):
+    """An answer could not be stored in the response cache (the run goes on without it)."""
 
 _FORMAT = 1  # bump to invalidate every stored entry
 _OPERATIONAL = {"name", "model", "timeout", "max_retries", "concurrency", "use_n", "backoff_base", "backoff_max", "api_key_env"}
@@ -67,6 +76,8 @@ class ResponseCache:
     def __init__(self, directory: Path | str | None = None, enabled: bool = True) -> None:
         self.enabled = enabled
         self.directory = Path(directory) if directory is not None else default_cache_dir()
+        self.write_failures = 0  # answers that could not be stored (see put)
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"ResponseCache({str(self.directory)!r}, enabled={self.enabled})"
@@ -107,7 +118,7 @@ class ResponseCache:
             return None
         path = self._path(key)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(safe_io.read_text(path))  # a link or FIFO planted here is a miss, never followed
             if data.get("format") != _FORMAT:
                 return None
             stored = data["response"]
@@ -120,7 +131,11 @@ class ResponseCache:
         return Response(text=stored["text"], error=None, abstained=bool(stored.get("abstained")), meta=meta)
 
     def put(self, key: str, response: Response) -> bool:
-        """Store ``response`` when it is a successful, non-empty answer; True when it was written."""
+        """Store ``response`` when it is a successful, non-empty answer; True when it was written.
+
+        A cache that cannot be written (disk full, a file in the way, no permission) costs only the
+        reuse: a :class:`CacheWriteWarning` (once per cache) and False, never an exception.
+        """
         if not self.enabled or not response.ok or not (response.text or "").strip():
             return False
         path = self._path(key)
@@ -130,19 +145,37 @@ class ResponseCache:
             "key": key,
             "response": {"text": response.text, "abstained": bool(response.abstained), "meta": _jsonable(meta)},
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key[:8]}.", suffix=".tmp", dir=path.parent)
+        # ensure_ascii: any text can be stored, even lone surrogates from a broken \ud83d escape
+        text = json.dumps(record, ensure_ascii=True)
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(record, handle, ensure_ascii=False)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._write(path, text)
+        except (OSError, ValueError) as exc:
+            self._write_failed(path, exc)
+            return False
         return True
+
+    def _write(self, path: Path, text: str) -> None:
+        """Write ``text`` to ``path`` atomically (temp file in the same folder, then rename), following
+        no link: a link or special file at the entry or its folder raises ``safe_io.UnsafePathError``
+        (an OSError) and is left untouched; the temp file is removed on any failure."""
+        safe_io.ensure_dir(path.parent)
+        safe_io.atomic_write_text(path, text)
+
+    def _write_failed(self, path: Path, exc: Exception) -> None:
+        with self._lock:
+            self.write_failures += 1
+            first = self.write_failures == 1
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        if first:
+            warnings.warn(
+                f"the response cache cannot be written ({reason}: {path}); answers are used but not stored, "
+                f"so a rerun asks for them again. Fix or free {self.directory}, or pass --cache-dir DIR / --no-cache",
+                CacheWriteWarning,
+                stacklevel=3,
+            )
+        else:
+            log.debug("cache write failed again (%s: %s)", reason, path)
 
 
 class CachedBackend(Backend):
@@ -185,7 +218,8 @@ class CachedBackend(Backend):
         self.close()
 
     def stats(self) -> dict:
-        return {"hits": self.hits, "misses": self.misses, "calls": self.calls, "enabled": self.cache.enabled}
+        return {"hits": self.hits, "misses": self.misses, "calls": self.calls, "enabled": self.cache.enabled,
+                "write_failures": self.cache.write_failures}
 
     def _params(self) -> tuple[str | None, dict]:
         described = self.backend.describe()
@@ -214,15 +248,16 @@ class CachedBackend(Backend):
                 self.calls += 1
         return keys, found, missing
 
-    def _merge(self, keys: list[str], found: list[Response | None], missing: list[int], fresh: list[Response]) -> list[Response]:
+    def _merge(self, keys: list[str], found: list[Response | None], missing: list[int], fresh: list[Response],
+               stored: set[int] | None = None) -> list[Response]:
         if len(fresh) != len(missing):
             raise RuntimeError(
                 f"{type(self.backend).__name__} returned {len(fresh)} responses for {len(missing)} requested samples"
             )
         out = list(found)
-        for i, response in zip(missing, fresh):
+        for k, (i, response) in enumerate(zip(missing, fresh)):
             out[i] = response
-            if keys:
+            if keys and (stored is None or k not in stored):
                 self.cache.put(keys[i], response)
         return out  # type: ignore[return-value]
 
@@ -233,7 +268,20 @@ class CachedBackend(Backend):
         fresh = self.backend.explain(traversal, prompt, len(missing))
         return self._merge(keys, found, missing, fresh)
 
-    def explain_many(self, jobs: list[tuple[Traversal, Prompt, int]]) -> list[list[Response] | BaseException]:
+    def _streams_answers(self) -> bool:
+        """True when the inner backend's ``explain_many`` reports each answer as it arrives."""
+        try:
+            return "on_response" in inspect.signature(self.backend.explain_many).parameters
+        except (TypeError, ValueError):
+            return False
+
+    def explain_many(
+        self,
+        jobs: list[tuple[Traversal, Prompt, int]],
+        on_response: Callable[[int, int, Response], None] | None = None,
+    ) -> list[list[Response] | BaseException]:
+        """Serve what the cache has; ask the inner backend for the rest, storing each answer the
+        moment it arrives (so an interrupted round loses no answer that was paid for)."""
         results: list[list[Response] | BaseException | None] = [None] * len(jobs)
         plans = []
         forward: list[tuple[Traversal, Prompt, int]] = []
@@ -248,14 +296,31 @@ class CachedBackend(Backend):
                 forward.append((traversal, prompt, len(missing)))
             else:
                 results[j] = found  # type: ignore[assignment]
+            if on_response is not None:
+                for i, response in enumerate(found):
+                    if response is not None:
+                        on_response(j, i, response)
         if forward:
-            answers = self.backend.explain_many(forward)
-            for (j, keys, found, missing), answer in zip(plans, answers):
+            stored: list[set[int]] = [set() for _ in plans]
+
+            def arrived(f: int, k: int, response: Response) -> None:
+                j, keys, _, missing = plans[f]
+                if keys and 0 <= k < len(missing):
+                    self.cache.put(keys[missing[k]], response)
+                    stored[f].add(k)
+                if on_response is not None and 0 <= k < len(missing):
+                    on_response(j, missing[k], response)
+
+            if self._streams_answers():
+                answers = self.backend.explain_many(forward, on_response=arrived)
+            else:
+                answers = self.backend.explain_many(forward)
+            for f, ((j, keys, found, missing), answer) in enumerate(zip(plans, answers)):
                 if isinstance(answer, BaseException):
                     results[j] = answer
                     continue
                 try:
-                    results[j] = self._merge(keys, found, missing, answer)
+                    results[j] = self._merge(keys, found, missing, answer, stored[f])
                 except Exception as exc:
                     results[j] = exc
         return results  # type: ignore[return-value]

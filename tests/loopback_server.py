@@ -26,7 +26,9 @@ What it can do (all attributes may be changed while it runs):
 * ``delay``: seconds to wait before every answer;
 * ``push(*faults)``: scripted faults used by the next requests, one per request, in order
   (:meth:`Fault.status` (e.g. 429 with Retry-After, 500, 401), :meth:`Fault.slow`,
-  :meth:`Fault.malformed`, :meth:`Fault.empty`, :meth:`Fault.no_choices`, :meth:`Fault.drop`);
+  :meth:`Fault.malformed`, :meth:`Fault.empty`, :meth:`Fault.no_choices`, :meth:`Fault.drop`,
+  :meth:`Fault.trickle` (a byte per second, optionally in the headers), :meth:`Fault.oversized`
+  (a huge body or a gzip bomb), :meth:`Fault.choices` (given contents, finish reasons and usage));
 * a deterministic schedule: ``fail_every=k`` (every k-th request gets HTTP 500), or
   ``fail_rate`` / ``slow_rate`` / ``slow_delay`` with ``seed`` — drawn from ``Random(seed, ordinal)``
   so request number ``i`` always gets the same fate whatever the thread timing.
@@ -81,13 +83,19 @@ class RecordedRequest:
 
 @dataclass
 class Reply:
-    """A complete HTTP answer; ``drop=True`` closes the connection without answering."""
+    """A complete HTTP answer; ``drop=True`` closes the connection without answering.
+
+    ``trickle`` > 0 sends the body one byte per ``trickle`` seconds (after the headers, or, with
+    ``trickle_headers``, the header block too), like a server that never quite stops talking.
+    """
 
     status: int = 200
     body: bytes | str | dict | None = None
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
     drop: bool = False
+    trickle: float = 0.0
+    trickle_headers: bool = False
 
 
 class Fault:
@@ -118,6 +126,34 @@ class Fault:
     def drop() -> Reply:
         return Reply(drop=True)
 
+    @staticmethod
+    def trickle(seconds: float = 30.0, interval: float = 1.0, headers: bool = False) -> Reply:
+        """A valid answer sent one byte per ``interval`` seconds for about ``seconds`` seconds."""
+        body = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": "x"},
+                                        "finish_reason": "stop"}]})
+        count = max(1, int(seconds / interval))
+        body = body + " " * max(0, count - len(body)) if not headers else body
+        return Reply(200, body, trickle=interval, trickle_headers=headers)
+
+    @staticmethod
+    def oversized(size: int = 6 * 1024 * 1024, gzip_bomb: bool = False) -> Reply:
+        """A body of ``size`` bytes (``gzip_bomb``: that many zero bytes, gzip-compressed to a few KB)."""
+        if gzip_bomb:
+            import gzip
+
+            return Reply(200, gzip.compress(b" " * size), {"Content-Encoding": "gzip", "Content-Type": "application/json"})
+        return Reply(200, b'{"choices": [' + b" " * size + b"]}")
+
+    @staticmethod
+    def choices(*items: tuple[str | None, str | None], usage: dict | None = None) -> Reply:
+        """A 200 answer with the given (content, finish_reason) choices and ``usage``."""
+        body: dict[str, Any] = {"id": "x", "object": "chat.completion", "model": "loopback", "choices": [
+            {"index": i, "message": {"role": "assistant", "content": c}, "finish_reason": f}
+            for i, (c, f) in enumerate(items)]}
+        if usage is not None:
+            body["usage"] = usage
+        return Reply(200, body)
+
 
 class LoopbackServer:
     def __init__(
@@ -146,6 +182,8 @@ class LoopbackServer:
         self.slow_rate = slow_rate
         self.slow_delay = slow_delay
         self.seed = seed
+        self.prompt_tokens = 50  # usage of every normal answer: 50 per request, 7 per choice
+        self.completion_tokens = 7
         self.requests: list[RecordedRequest] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -276,7 +314,8 @@ class LoopbackServer:
             "created": int(time.time()),
             "model": request.body.get("model", "loopback"),
             "choices": choices,
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens * count,
+                      "total_tokens": self.prompt_tokens + self.completion_tokens * count},
         }
         return Reply(200, body, delay=self.delay + extra_delay)
 
@@ -308,6 +347,9 @@ class _Handler(BaseHTTPRequestHandler):
                 data = body.encode()
             else:
                 data = body or b""
+            if reply.trickle:
+                self._trickle(reply, data)
+                return
             self.send_response(reply.status)
             self.send_header("Content-Type", reply.headers.get("Content-Type", "application/json"))
             for key, value in reply.headers.items():
@@ -321,6 +363,19 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         finally:
             self.owner._done()
+
+    def _trickle(self, reply: Reply, data: bytes) -> None:
+        head = (f"HTTP/1.1 {reply.status} OK\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(data)}\r\nX-Padding: {'p' * 40}\r\n\r\n").encode()
+        self.close_connection = True
+        if not reply.trickle_headers:
+            self.wfile.write(head)
+            self.wfile.flush()
+            head = b""
+        for i in range(len(head + data)):
+            time.sleep(reply.trickle)
+            self.wfile.write((head + data)[i:i + 1])
+            self.wfile.flush()
 
     do_POST = _handle
     do_GET = _handle

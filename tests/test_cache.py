@@ -154,7 +154,7 @@ def test_second_run_makes_zero_requests(loopback, tmp_path):
     with CachedBackend(OpenAICompatBackend(model="m", base_url=loopback.url), ResponseCache(tmp_path)) as backend:
         first = backend.explain_many(jobs)
     assert len(loopback.requests) == 4
-    assert backend.stats() == {"hits": 0, "misses": 12, "calls": 4, "enabled": True}
+    assert backend.stats() == {"hits": 0, "misses": 12, "calls": 4, "enabled": True, "write_failures": 0}
 
     with CachedBackend(OpenAICompatBackend(model="m", base_url=loopback.url), ResponseCache(tmp_path)) as backend2:
         second = backend2.explain_many(jobs)
@@ -246,3 +246,71 @@ def test_explain_many_keeps_job_errors(tmp_path):
     assert inner.requests == [2, 2]  # jobs 0 and 2 cached; job 1 asked again (and failed again)
     assert isinstance(second[1], BackendError)
     assert [r.text for r in second[0]] == [r.text for r in first[0]]
+
+
+# -- answers are stored as they arrive; a cache that cannot be written is only a warning ---------
+
+
+def test_each_answer_is_stored_the_moment_it_arrives(loopback, tmp_path):
+    import threading
+    import time
+
+    from latentexplainer_plugin.backends.openai_compat import OpenAICompatBackend as Backend_
+
+    release = threading.Event()
+    loopback.respond = lambda req: (release.wait(30), None)[1] if req.ordinal == 3 else None
+    cache = ResponseCache(tmp_path)
+    results: list = []
+    with CachedBackend(Backend_(model="m", base_url=loopback.url, use_n=False, concurrency=1), cache) as backend:
+        worker = threading.Thread(target=lambda: results.extend(backend.explain_many([(*make_job(0), 3)])))
+        worker.start()
+        try:
+            deadline = time.monotonic() + 30
+            while len(list(tmp_path.rglob("*.json"))) < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)  # polling the files themselves: they are what is being tested
+            stored_before_the_job_ended = len(list(tmp_path.rglob("*.json")))
+            assert worker.is_alive()  # the third request is still held by the server
+        finally:
+            release.set()
+            worker.join(30)
+    assert stored_before_the_job_ended == 2
+    assert len(results[0]) == 3 and all(r.ok for r in results[0])
+    assert len(list(tmp_path.rglob("*.json"))) == 3
+
+
+def test_a_file_in_the_way_is_a_warning_not_a_failed_latent(tmp_path):
+    from latentexplainer_plugin.cache import CacheWriteWarning
+
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    inner = CountingBackend()
+    backend = CachedBackend(inner, ResponseCache(cache_dir))
+    keys = backend._keys(make_job(0)[1], 2)
+    (cache_dir / keys[0][:2]).write_text("not a folder")  # where the entry's folder should be
+    with pytest.warns(CacheWriteWarning, match="cannot be written") as caught:
+        out = backend.explain_many([(*make_job(0), 2)])
+    assert [r.text for r in out[0]] == ["answer 100", "answer 101"]
+    assert len([w for w in caught if issubclass(w.category, CacheWriteWarning)]) == 1  # once, not per answer
+    assert backend.stats()["write_failures"] >= 1
+
+
+def test_a_full_disk_is_a_warning(tmp_path, monkeypatch):
+    import errno
+
+    from latentexplainer_plugin.cache import CacheWriteWarning
+
+    def full(self, path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ResponseCache, "_write", full)
+    cache = ResponseCache(tmp_path)
+    with pytest.warns(CacheWriteWarning, match="No space left on device"):
+        assert cache.put(base_key(), Response(text="The square grows.")) is False
+    assert cache.get(base_key()) is None and cache.write_failures == 1
+
+
+def test_text_with_lone_surrogates_is_stored_and_read_back(tmp_path):
+    cache = ResponseCache(tmp_path)
+    text = "The square \ud83d grows."  # a lone surrogate, as a broken \\ud83d escape in JSON gives
+    assert cache.put(base_key(), Response(text=text)) is True
+    assert cache.get(base_key()).text == text

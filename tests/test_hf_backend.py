@@ -281,3 +281,26 @@ def test_system_text_moves_into_the_user_turn_when_the_template_refuses_it(backe
     assert len(backend.explain(make_traversal(), prompt, 2)) == 2
     assert seen == [["system", "user"], ["user"]]
     assert backend.messages(prompt, system_role=False)[0]["content"][-1]["text"] == "be brief\n\nthe object moves"
+
+
+def test_finish_reasons_and_token_counts(backend, monkeypatch):
+    """An answer that ended with eos is "stop", one cut at max_new_tokens is "length"; the prompt's
+    tokens are counted once for the one generate call."""
+    moves, left = WORDS.index("moves"), WORDS.index("left")
+    seen = {}
+
+    def fake_generate(**kwargs):
+        prompt = kwargs["input_ids"]
+        seen["prompt_len"] = prompt.shape[1]
+        stopped = [moves, left, 3] + [0] * (MAX_NEW - 3)  # eos (3) after 2 words, then padding
+        cut = [moves, left] * (MAX_NEW // 2)  # no eos: ran into max_new_tokens
+        new = torch.tensor([stopped, cut])
+        return torch.cat([prompt.repeat(2, 1), new], dim=1)
+
+    monkeypatch.setattr(backend.model, "generate", fake_generate)
+    traversal = make_traversal()
+    out = backend.explain(traversal, build_prompt(DISENTANGLEMENT, traversal), 2)
+    assert [r.meta["finish_reason"] for r in out] == ["stop", "length"]
+    assert [r.meta["new_tokens"] for r in out] == [3, MAX_NEW]
+    assert out[0].meta["usage"] == {"prompt_tokens": seen["prompt_len"], "completion_tokens": 3 + MAX_NEW, "requests": 1}
+    assert "usage" not in out[1].meta

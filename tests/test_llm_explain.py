@@ -8,6 +8,7 @@ wrapped in chat boilerplate. A tiny VAE trained by ``train-vae`` stands in for a
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import re
 import warnings
@@ -30,9 +31,9 @@ from latentexplainer_plugin.types import Response, Traversal
 from latentexplainer_plugin.uncertainty import select_explanation
 
 try:
-    from tests.loopback_server import Fault, LoopbackServer
+    from tests.loopback_server import Fault, LoopbackServer, Reply
 except ImportError:
-    from loopback_server import Fault, LoopbackServer  # type: ignore
+    from loopback_server import Fault, LoopbackServer, Reply  # type: ignore
 
 KEY = "sk-loopback-SECRET-5d41402abc4b2a76"
 Z0 = "The object moves left to right."
@@ -361,3 +362,172 @@ def test_cli_prompt_from_llm(tiny_vae, server, tmp_path, capsys):
     bias = dataclasses.replace(DISENTANGLEMENT, template=LLM_TEMPLATE)
     prompt = build_prompt(bias, Traversal("z4", torch.zeros(1, 2, 2, 3, 8, 8), torch.tensor([-1.0, 1.0]), "set"))
     assert prompt.text.startswith("LLMTEMPLATE: the grid shows latent z4 from -1 to +1")
+
+
+# -- secrets, fatal client errors, token accounting, paid answers (issues 11 and 16) ----------------
+
+
+def test_credentials_and_key_are_scrubbed_from_every_output(tiny_vae, tmp_path, capsys):
+    password = "pw-SECRET-90210"
+    echo = f"The object moves left to right. (key {KEY}, password {password})"
+    with LoopbackServer(answer=lambda req, i: echo if latent_of(req) == "z0" else answer(req, i)) as server:
+        server.push(Fault.status(500, message=f"upstream said {KEY} {password}"))
+        url = server.url.replace("http://", f"http://alice:{password}@")
+        out, cache = tmp_path / "run", tmp_path / "cache"
+        code = main(["explain", "--model", str(tiny_vae), "--backend", "openai:test-model", "--base-url", url,
+                     "--samples", "3", "--latents", "0,1,2", "--similarity", "bow", "--out", str(out), "--quiet",
+                     "--timeout", "5", "--cache-dir", str(cache)])
+    captured = capsys.readouterr()
+    assert code in (0, 1)
+    data = read_results(out / "results.json")
+    assert data["backend"]["base_url"].startswith("http://***@127.0.0.1")
+    assert "[redacted]" in json.dumps(data)  # the echoed secrets were replaced, not dropped
+    files = all_bytes(out) + all_bytes(cache)
+    assert any(p.name == "report.html" for p, _ in files) and len(list(cache.rglob("*.json"))) >= 3
+    for path, content in files:
+        assert KEY.encode() not in content and password.encode() not in content, path
+    for text in (captured.out, captured.err):
+        assert KEY not in text and password not in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--timeout", "inf"], "--timeout must be > 0 seconds, got inf"),
+    (["--timeout", "nan"], "--timeout must be > 0 seconds, got nan"),
+    (["--api-key-env", KEY], "--api-key-env takes the NAME of an environment variable"),
+])
+def test_non_finite_timeouts_and_keys_as_variable_names_are_refused(tiny_vae, server, tmp_path, capsys, args, message):
+    assert run(tiny_vae, server, tmp_path / "never", "--no-cache", *args) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err
+    assert KEY not in captured.out + captured.err  # the key given as a name is not echoed back
+    assert server.requests == [] and not (tmp_path / "never").exists()
+
+
+def test_401_stops_the_run_at_once_with_exit_2(tiny_vae, tmp_path, capsys):
+    with LoopbackServer(answer=answer, require_key="another-key") as server:
+        out = tmp_path / "run"
+        code = run(tiny_vae, server, out, "--no-cache", "--concurrency", "1")
+        requests = len(server.chat_requests)
+    err = capsys.readouterr().err
+    assert code == 2 and requests == 1  # not one request per latent
+    assert "authentication failed (HTTP 401)" in err and "Incorrect API key provided" in err and "--resume" in err
+    data = read_results(out / "results.json")
+    assert data["status"] != "complete" and "HTTP 401" in data["stopped"]
+
+
+def test_max_tokens_above_the_context_stops_after_one_request(tiny_vae, tmp_path, capsys):
+    message = "max_tokens=600 cannot be greater than max_model_len=512. Please request fewer output tokens."
+    with LoopbackServer(answer=answer, respond=lambda req: Reply(400, {"object": "error", "message": message})) as server:
+        code = run(tiny_vae, server, tmp_path / "run", "--no-cache", "--max-new-tokens", "600", "--concurrency", "1")
+        requests = [r.n for r in server.chat_requests]
+    err = capsys.readouterr().err
+    assert code == 2 and requests == [5]  # at most one request per latent; never taken for "n unsupported"
+    assert "--max-new-tokens" in err and "max_model_len=512" in err and "server rejected n" not in err
+
+
+def test_a_server_that_rejects_n_still_gets_single_requests(tiny_vae, tmp_path):
+    with LoopbackServer(answer=answer, reject_n=True) as server:
+        assert run(tiny_vae, server, tmp_path / "run", "--no-cache", "--concurrency", "1") == 0
+        sizes = [r.n for r in server.chat_requests]
+    assert sizes[0] == 5 and sizes[1:] == [1] * 15  # the fallback is learned once, for the whole run
+
+
+def test_finish_reasons_and_token_totals_reach_results_report_and_stdout(tiny_vae, server, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(tiny_vae, server, out, "--no-cache") == 0
+    stdout = capsys.readouterr().out
+    data = read_results(out / "results.json")
+    # the loopback server reports 50 prompt tokens per request and 7 completion tokens per choice
+    for entry in data["latents"]:
+        assert entry["usage"] == {"prompt_tokens": 50, "completion_tokens": 35, "requests": 1}
+        assert [r["finish_reason"] for r in entry["responses"]] == ["stop"] * 5
+    assert data["usage"] == {"prompt_tokens": 150, "completion_tokens": 105, "requests": 3}
+    assert "tokens: 150 prompt + 105 completion in 3 requests" in stdout
+    assert "150 prompt + 105 completion tokens in 3 requests" in (out / "report.html").read_text()
+
+
+def test_sigkill_mid_round_loses_no_answer_that_arrived(tiny_vae, tmp_path):
+    """A run killed (SIGKILL) after 2 of its 3 requests were answered: the rerun asks only for the third."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    release = threading.Event()
+    cache, out = tmp_path / "cache", tmp_path / "run"
+
+    def hold_third(request):
+        if request.ordinal >= 3:
+            release.wait(60)
+        return None
+
+    with LoopbackServer(answer=answer, respond=hold_third) as server:
+        env = {**os.environ, "OPENAI_API_KEY": KEY, "OMP_NUM_THREADS": "1", "LATENTEXPLAINER_NO_PLUGINS": "1"}
+        cmd = [sys.executable, "-m", "latentexplainer_plugin.cli", "explain", "--model", str(tiny_vae),
+               "--backend", "openai:test-model", "--base-url", server.url, "--samples", "5", "--latents", "0,1,2",
+               "--similarity", "bow", "--out", str(out), "--quiet", "--timeout", "60", "--cache-dir", str(cache)]
+        child = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 120
+            while len(list(cache.rglob("*.json"))) < 10 and time.monotonic() < deadline and child.poll() is None:
+                time.sleep(0.05)  # waiting for the answers on disk: the files are the synchronisation
+            stored = len(list(cache.rglob("*.json")))
+            assert child.poll() is None, child.stderr.read().decode()
+            child.send_signal(signal.SIGKILL)
+            child.wait(30)
+        finally:
+            release.set()
+            if child.poll() is None:
+                child.kill()
+            child.stderr.close()
+        assert stored == 10 and len(server.chat_requests) == 3  # 2 answered (5 answers each), 1 held
+        server.reset()
+        assert run(tiny_vae, server, out, "--cache-dir", str(cache), "--resume", "--timeout", "60") == 0
+        assert len(server.chat_requests) == 1  # only the request whose answers never arrived
+    assert sorted(entries(out)) == ["z0", "z1", "z2"]
+
+
+def test_sigterm_with_requests_in_flight_exits_130_within_seconds_and_resumes(tiny_vae, tmp_path, capsys):
+    import os
+    import signal
+    import threading
+    import time
+
+    arrived, release = threading.Event(), threading.Event()
+    sent: list[float] = []
+
+    def hold(request):
+        if latent_of(request) != "z0":  # z0 is answered; z1 and z2 are held by the server
+            arrived.set()
+            release.wait(60)
+        return None
+
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    with LoopbackServer(answer=answer, respond=hold) as server:
+        def terminate_when_held():
+            if arrived.wait(60):
+                deadline = time.monotonic() + 30
+                while len(list(cache.rglob("*.json"))) < 5 and time.monotonic() < deadline:
+                    time.sleep(0.02)  # z0's five answers are on disk before the signal
+                sent.append(time.monotonic())
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        killer = threading.Thread(target=terminate_when_held)
+        killer.start()
+        try:
+            code = run(tiny_vae, server, out, "--cache-dir", str(cache), "--timeout", "60", "--concurrency", "1")
+            elapsed_after_signal = time.monotonic() - sent[0]
+        finally:
+            release.set()
+            killer.join(60)
+        err = capsys.readouterr().err
+        assert code == 130 and "interrupted" in err and "--resume" in err
+        assert read_results(out / "results.json")["status"] == "interrupted"
+        assert len(list(cache.rglob("*.json"))) == 5  # z0's answers were kept
+        assert elapsed_after_signal < 5  # the held request (60 s deadline) was abandoned, not waited for
+        server.reset()
+        server.respond = None
+        assert run(tiny_vae, server, out, "--cache-dir", str(cache), "--timeout", "60", "--concurrency", "1", "--resume") == 0
+        assert sorted(latent_of(r) for r in server.chat_requests) == ["z1", "z2"]  # z0 came from the cache

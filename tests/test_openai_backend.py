@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from latentexplainer_plugin.backends.base import BackendError
+from latentexplainer_plugin.backends.base import BackendError, FatalBackendError
 from latentexplainer_plugin.backends.openai_compat import OpenAICompatBackend
 from latentexplainer_plugin.backends.responses import clean_response
 from latentexplainer_plugin.types import Prompt, Response, Traversal
@@ -329,15 +329,15 @@ def test_flaky_server_every_job_gets_n_responses(loopback):
 def test_one_failing_job_does_not_lose_others(loopback):
     def respond(req):
         if "(3)" in req.text_parts()[0]:
-            return Fault.status(401)
+            return Fault.status(500, message="this one is broken")
         return None
 
     loopback.respond = respond
     jobs = [(*make_job(i), 2) for i in range(5)]
-    with backend_for(loopback) as backend:
+    with backend_for(loopback, max_retries=1) as backend:
         results = backend.explain_many(jobs)
-    assert isinstance(results[3], BackendError)
-    assert all(isinstance(results[i], list) and len(results[i]) == 2 for i in (0, 1, 2, 4))
+    assert [r.ok for r in results[3]] == [False, False] and "this one is broken" in results[3][0].error
+    assert all(isinstance(results[i], list) and len(results[i]) == 2 and all(r.ok for r in results[i]) for i in (0, 1, 2, 4))
 
 
 def test_describe_and_validation():
@@ -410,3 +410,205 @@ def test_clean_response_empty(raw):
 def test_clean_response_abstentions(raw, abstained):
     r = clean_response(raw)
     assert r.ok and r.abstained is abstained
+
+
+# -- fatal client errors (401/403/404, 400s that every request would get) --------------------
+
+
+@pytest.mark.parametrize("code", [401, 403, 404])
+def test_fatal_status_stops_explain_many_at_once(loopback, code):
+    loopback.respond = lambda req: Fault.status(code, message="nope")
+    jobs = [(*make_job(i), 2) for i in range(10)]
+    with backend_for(loopback, concurrency=2) as backend:
+        with pytest.raises(FatalBackendError) as info:
+            backend.explain_many(jobs)
+    # each of the 2 workers may have sent one request before the first error stopped the rest
+    assert 1 <= len(loopback.requests) <= 2
+    assert f"HTTP {code}" in str(info.value)
+
+
+VLLM_CONTEXT = "max_tokens=600 cannot be greater than max_model_len=512. Please request fewer output tokens."
+
+
+def test_context_length_400_stops_at_the_first_request_and_names_the_flag(loopback):
+    loopback.respond = lambda req: Reply(400, {"object": "error", "message": VLLM_CONTEXT, "type": "BadRequestError", "code": 400})
+    jobs = [(*make_job(i), 3) for i in range(6)]
+    with backend_for(loopback, concurrency=1, max_tokens=600) as backend:
+        with pytest.raises(FatalBackendError) as info:
+            backend.explain_many(jobs)
+    assert len(loopback.requests) == 1 and loopback.requests[0].n == 3  # never taken for "n unsupported"
+    message = str(info.value)
+    assert "--max-new-tokens" in message and "max_model_len=512" in message
+
+
+@pytest.mark.parametrize("message", ["'max_tokens' is too large: 600. This model supports at most 512 completion tokens",
+                                     "This model's maximum context length is 512 tokens. However, you requested 700 tokens"])
+def test_other_context_length_wordings_are_fatal(loopback, message):
+    loopback.respond = lambda req: Fault.status(400, message=message)
+    with backend_for(loopback) as backend:
+        with pytest.raises(FatalBackendError, match="--max-new-tokens"):
+            backend.explain_many([(*make_job(i), 3) for i in range(3)])
+    assert len(loopback.requests) <= 3
+
+
+def test_same_client_error_twice_in_a_row_stops_the_run(loopback):
+    loopback.respond = lambda req: Fault.status(400, message="unsupported image format")
+    jobs = [(*make_job(i), 1) for i in range(8)]
+    with backend_for(loopback, concurrency=1) as backend:
+        with pytest.raises(FatalBackendError) as info:
+            backend.explain_many(jobs)
+    assert len(loopback.requests) == 2
+    assert "unsupported image format" in str(info.value) and "2 requests in a row" in str(info.value)
+
+
+def test_a_400_not_about_n_fails_that_request_only(loopback):
+    def respond(req):
+        return Fault.status(400, message="image too large") if "(1)" in req.text_parts()[0] else None
+
+    loopback.respond = respond
+    jobs = [(*make_job(i), 3) for i in range(3)]
+    with backend_for(loopback, concurrency=1) as backend:
+        results = backend.explain_many(jobs)
+        later = backend.explain(*make_job(5), 3)
+    assert all(r.ok for r in results[0]) and all(r.ok for r in results[2]) and all(r.ok for r in later)
+    assert all(not r.ok and "image too large" in r.error for r in results[1])
+    assert [r.n for r in loopback.requests] == [3, 3, 3, 3]  # n kept working: no switch to singles
+
+
+def test_a_400_that_a_request_without_n_does_not_get_means_n_is_unsupported(loopback):
+    def respond(req):  # a server whose message does not say which parameter it dislikes
+        return Fault.status(400, message="unsupported parameter combination") if req.n > 1 else None
+
+    loopback.respond = respond
+    with backend_for(loopback) as backend:
+        out = backend.explain(*make_job(0), 3)
+        again = backend.explain(*make_job(1), 2)
+    assert all(r.ok for r in out + again)
+    assert [r.n for r in loopback.requests] == [3, 1, 1, 1, 1, 1]
+
+
+# -- deadlines, size caps, interrupts ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("headers", [False, True])
+def test_a_trickling_server_cannot_outlast_the_deadline(loopback, headers):
+    loopback.push(Fault.trickle(seconds=30, interval=0.5, headers=headers))
+    with backend_for(loopback, timeout=1, max_retries=0) as backend:
+        start = time.monotonic()
+        out = backend.explain(*make_job(), 1)
+        elapsed = time.monotonic() - start
+    assert not out[0].ok and "timed out after 1 s" in out[0].error
+    assert elapsed < 3.0  # the server would have talked for 30 s
+
+
+@pytest.mark.parametrize("bomb", [False, True])
+def test_oversized_bodies_are_refused_and_retried(loopback, bomb):
+    loopback.push(Fault.oversized(gzip_bomb=bomb))
+    with backend_for(loopback) as backend:
+        out = backend.explain(*make_job(), 1)
+    assert out[0].ok and out[0].meta["attempts"] == 2
+    loopback.reset()
+    loopback.push(*[Fault.oversized(gzip_bomb=bomb)] * 2)
+    with backend_for(loopback, max_retries=1) as backend:
+        out = backend.explain(*make_job(), 1)
+    assert not out[0].ok and "too large" in out[0].error
+
+
+@pytest.mark.parametrize("bad", ["inf", "nan", "-1", "0"])
+def test_non_finite_or_non_positive_timeouts_are_refused(bad):
+    with pytest.raises(ValueError, match="timeout must be a finite number"):
+        OpenAICompatBackend(model="m", base_url="http://127.0.0.1:9/v1", timeout=float(bad))
+
+
+def test_sigterm_ends_explain_many_at_once_with_requests_in_flight(loopback):
+    import os
+    import signal
+    import threading
+
+    arrived = threading.Event()
+    release = threading.Event()
+
+    def respond(req):
+        if len(loopback.requests) >= 3:
+            arrived.set()
+        release.wait(30)  # the server holds every request
+        return None
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    loopback.respond = respond
+    previous = signal.signal(signal.SIGTERM, terminate)
+    killer = threading.Thread(target=lambda: arrived.wait(20) and os.kill(os.getpid(), signal.SIGTERM))
+    try:
+        with backend_for(loopback, timeout=60, concurrency=4) as backend:
+            killer.start()
+            start = time.monotonic()
+            with pytest.raises(KeyboardInterrupt):
+                backend.explain_many([(*make_job(i), 2) for i in range(6)])
+            elapsed = time.monotonic() - start
+    finally:
+        release.set()
+        killer.join()
+        signal.signal(signal.SIGTERM, previous)
+    assert arrived.is_set() and elapsed < 5.0
+
+
+# -- answers that are not explanations, token accounting --------------------------------------
+
+
+def test_cut_off_filtered_empty_and_oversized_answers_are_failed_samples(loopback):
+    long = "The square grows. " * 300  # > 4000 characters
+    loopback.push(Fault.choices(("The square grows and", "length"), ("The square grows.", "content_filter"),
+                                ("   ", "stop"), (long, "stop"), ("The square grows.", "stop"),
+                                usage={"prompt_tokens": 120, "completion_tokens": 90}))
+    with backend_for(loopback) as backend:
+        out = backend.explain(*make_job(), 5)
+    assert len(loopback.requests) == 1
+    assert out[0].error.startswith("truncated: finish_reason=length") and "--max-new-tokens" in out[0].error
+    assert out[0].meta["raw_text"] == "The square grows and"
+    assert out[1].error.startswith("filtered: finish_reason=content_filter")
+    assert out[2].error == "empty response"
+    assert out[3].error.startswith(f"answer too long: {len(long)} characters")
+    assert out[4].ok and out[4].text == "The square grows."
+    assert [r.meta["finish_reason"] for r in out] == ["length", "content_filter", "stop", "stop", "stop"]
+    # the request's tokens are counted once, on its first answer
+    assert out[0].meta["usage"] == {"prompt_tokens": 120, "completion_tokens": 90, "requests": 1}
+    assert all("usage" not in r.meta for r in out[1:])
+
+
+def test_usage_per_request_with_singles(loopback):
+    loopback.supports_n = False
+    with backend_for(loopback) as backend:
+        out = backend.explain(*make_job(), 3)
+    assert len(loopback.requests) == 3
+    # the first request (n=3) returned 1 choice; two single requests fetched the rest
+    assert [r.meta["usage"] for r in out] == [{"prompt_tokens": 50, "completion_tokens": 7, "requests": 1}] * 3
+
+
+# -- secrets ----------------------------------------------------------------------------------
+
+
+def test_credentials_in_the_base_url_and_echoed_keys_are_scrubbed(loopback):
+    user, password = "alice", "pw-SECRET-771"
+    url = loopback.url.replace("http://", f"http://{user}:{password}@")
+    loopback.answer = f"The square grows. Your key is {KEY} and the password {password}."
+    loopback.push(Fault.status(400, message=f"bad auth {password} / {KEY}"))
+    with OpenAICompatBackend(model="m", base_url=url, timeout=5) as backend:
+        failed = backend.explain(*make_job(), 1)
+        ok = backend.explain(*make_job(1), 1)
+    texts = [repr(backend.describe()), repr(backend), backend.url, backend.base_url, repr(backend.sampling_params())]
+    texts += [str(r.text) + str(r.error) + repr(r.meta) for r in failed + ok]
+    assert "***@127.0.0.1" in backend.base_url
+    assert "***" in failed[0].error and ok[0].text == "The square grows. Your key is [redacted] and the password [redacted]."
+    for text in texts:
+        assert password not in text and KEY not in text
+
+
+@pytest.mark.parametrize("name", ["sk-abc123SECRETKEY", "has space", "1ABC", ""])
+def test_a_key_given_where_a_variable_name_belongs_is_refused_without_echo(name):
+    with pytest.raises(ValueError) as info:
+        OpenAICompatBackend(model="m", base_url="http://127.0.0.1:9/v1", api_key_env=name)
+    assert "NAME of an environment variable" in str(info.value)
+    if name:
+        assert name not in str(info.value)

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 from ..types import Prompt, Response, Traversal
 
 
 class BackendError(RuntimeError):
     """A backend could not produce any answer (bad configuration, unreachable server, ...)."""
+
+
+class FatalBackendError(BackendError):
+    """An error that every further request would repeat (bad key, wrong URL or model, a request the
+    server always rejects): ``explain_many`` raises it instead of recording it per latent, so the
+    run stops at once (the CLI exits with code 2; finished latents are kept)."""
 
 
 class Backend(ABC):
@@ -39,16 +45,31 @@ class Backend(ABC):
         """Settings worth recording in results.json (never secrets)."""
         return {"name": self.name}
 
-    def explain_many(self, jobs: list[tuple[Traversal, Prompt, int]]) -> list[list[Response] | BaseException]:
+    def explain_many(
+        self,
+        jobs: list[tuple[Traversal, Prompt, int]],
+        on_response: Callable[[int, int, Response], None] | None = None,
+    ) -> list[list[Response] | BaseException]:
         """Explain several traversals; one entry per job, an exception object where a job failed.
 
         The default runs jobs one after another; network backends override it to run them
-        concurrently. One job failing never loses the others.
+        concurrently. One job failing never loses the others; a :class:`FatalBackendError` stops
+        them all (it is raised, not returned).
+
+        ``on_response(job, sample, response)``, when given, is called with each answer as soon as
+        it arrives (the response cache stores it at once, so an interruption loses no paid answer).
         """
         out: list[list[Response] | BaseException] = []
-        for traversal, prompt, n in jobs:
+        for j, (traversal, prompt, n) in enumerate(jobs):
             try:
-                out.append(self.explain(traversal, prompt, n))
+                answers = self.explain(traversal, prompt, n)
+            except FatalBackendError:
+                raise
             except Exception as exc:  # reported per latent by the caller
                 out.append(exc)
+                continue
+            if on_response is not None:
+                for i, response in enumerate(answers):
+                    on_response(j, i, response)
+            out.append(answers)
         return out

@@ -35,7 +35,7 @@ from ..types import Prompt, Response, Traversal
 from .base import Backend, BackendError
 from .responses import clean_response
 
-__all__ = ["HFBackend", "DTYPES", "resolve_dtype", "check_vlm_dir"]
+__all__ = ["HFBackend", "DTYPES", "resolve_dtype", "check_vlm_dir", "check_hub_model"]
 
 #: Accepted ``dtype`` names (and aliases) -> torch dtype attribute names.
 DTYPES = {
@@ -72,6 +72,22 @@ def resolve_dtype(dtype: Any, device: str = "cpu") -> Any:
     return getattr(torch, name)
 
 
+def _finish(tokens: list[int], eos: set[int], pad: int | None, max_new_tokens: int) -> tuple[int, str]:
+    """(tokens generated, ``"stop"`` when an end-of-sequence token ended it, else ``"length"``).
+
+    ``generate`` pads a finished sequence (with pad, often the eos id) up to the longest one in the
+    batch, so the answer ends at its first eos token; without one it ran into ``max_new_tokens``.
+    """
+    for k, token in enumerate(tokens):
+        if token in eos:
+            return k + 1, "stop"
+    length = len(tokens)
+    if pad is not None and pad not in eos:
+        while length and tokens[length - 1] == pad:
+            length -= 1
+    return length, ("length" if length >= max_new_tokens else "stop")
+
+
 def _looks_like_path(text: str) -> bool:
     """A string meant as a local path (hub ids are ``name`` or ``owner/name``)."""
     return text.startswith(("/", "./", "../", "~", "\\")) or text.count("/") > 1 or (os.sep != "/" and os.sep in text)
@@ -89,6 +105,20 @@ def check_vlm_dir(path: str | Path) -> Path:
     if not (has_config and has_tokenizer):
         raise BackendError(_NO_PROCESSOR.format(path=path))
     return path
+
+
+def check_hub_model(model_id: str, timeout: float | None = None) -> None:
+    """Raise :class:`BackendError` within seconds when hub id ``model_id`` cannot be loaded: not in the
+    local hub cache, and the hub is offline, unreachable or has no such model (see :func:`..hub.hub_problem`)."""
+    from ..hub import HUB_TIMEOUT, hub_problem
+
+    problem = hub_problem(model_id, "config.json", HUB_TIMEOUT if timeout is None else timeout)
+    if problem is not None:
+        raise BackendError(
+            f"hf:{model_id} {problem}; give a local directory instead (--backend hf:/path/to/dir, saved with "
+            f"model.save_pretrained(dir) and processor.save_pretrained(dir)), or download it where the hub is "
+            f"reachable (hf download {model_id})"
+        )
 
 
 def _fingerprint(path: Path) -> str:
@@ -115,6 +145,8 @@ class HFBackend(Backend):
         max_image_side: prompt images are shrunk so that their longer side is at most this.
         model, processor: already loaded objects (skip ``from_pretrained``; ``path_or_id`` then only names them).
         trust_remote_code: passed to ``from_pretrained`` (off by default).
+        allow_pickle: accept weights saved only as pickle (``pytorch_model.bin``), read with
+            ``torch.load(weights_only=True)``; off by default, as for every model (``--allow-pickle``).
     """
 
     name = "hf"
@@ -135,6 +167,7 @@ class HFBackend(Backend):
         model: Any = None,
         processor: Any = None,
         trust_remote_code: bool = False,
+        allow_pickle: bool = False,
     ) -> None:
         if path_or_id is None or not str(path_or_id).strip():
             raise ValueError("the hf backend needs a model directory or hub id: --backend hf:PATH_OR_ID")
@@ -157,6 +190,7 @@ class HFBackend(Backend):
         self.top_p = top_p
         self.max_image_side = int(max_image_side)
         self.trust_remote_code = bool(trust_remote_code)
+        self.allow_pickle = bool(allow_pickle)
         self.generate_calls = 0
         self._lock = threading.Lock()  # one generate at a time per model
         self._revision: str | None = None
@@ -184,6 +218,15 @@ class HFBackend(Backend):
             self._revision = _fingerprint(local)
         elif _looks_like_path(source) or local.exists():
             raise BackendError(f"{source}: no such model directory (give a directory with model and processor, or a hub id)")
+        else:
+            check_hub_model(source)  # seconds, not the minutes of transformers' retries
+        from ..adapters.loading import check_pickle_policy, use_safetensors
+
+        if local.is_dir():
+            try:
+                check_pickle_policy(local, self.allow_pickle, "VLM")
+            except ValueError as exc:
+                raise BackendError(str(exc)) from None
         kwargs = {"trust_remote_code": self.trust_remote_code}
         try:
             processor = AutoProcessor.from_pretrained(source, **kwargs)
@@ -194,7 +237,9 @@ class HFBackend(Backend):
         # transformers 5 calls it dtype; 4.x took torch_dtype
         dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
         try:
-            model = AutoModelForImageTextToText.from_pretrained(source, **{dtype_key: self.dtype}, **kwargs)
+            model = AutoModelForImageTextToText.from_pretrained(
+                source, **{dtype_key: self.dtype}, use_safetensors=use_safetensors(self.allow_pickle, local if local.is_dir() else None),
+                **kwargs)
         except ValueError as exc:
             if "Unrecognized configuration class" in str(exc):
                 raise BackendError(
@@ -312,13 +357,29 @@ class HFBackend(Backend):
         if new_tokens.shape[0] != n:
             raise BackendError(f"{self.path_or_id}: generate returned {new_tokens.shape[0]} sequences for n={n}")
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        eos = self._eos_ids(tokenizer)
         out = []
+        lengths = []
         for i, text in enumerate(texts):
             response = clean_response(text)
-            length = int((new_tokens[i] != pad).sum()) if pad is not None else int(new_tokens.shape[1])
-            response.meta = {"model": self.path_or_id, "sample": i, "new_tokens": length}
+            length, finish = _finish(new_tokens[i].tolist(), eos, pad, self.max_new_tokens)
+            lengths.append(length)
+            response.meta = {"model": self.path_or_id, "sample": i, "new_tokens": length, "finish_reason": finish}
             out.append(response)
+        # one generate call: the prompt is encoded once, so its tokens are counted once
+        out[0].meta["usage"] = {"prompt_tokens": int(prompt_len), "completion_tokens": int(sum(lengths)), "requests": 1}
         return out
+
+    def _eos_ids(self, tokenizer: Any) -> set[int]:
+        """The token ids that end an answer (generation config first, then the tokenizer)."""
+        ids: set[int] = set()
+        config = getattr(self.model, "generation_config", None)
+        for value in (getattr(config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(v for v in value if isinstance(v, int))
+        return ids
 
     def __repr__(self) -> str:
         return f"HFBackend({self.path_or_id!r}, device={self.device!r}, dtype={str(self.dtype).removeprefix('torch.')})"

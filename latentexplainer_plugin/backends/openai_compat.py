@@ -24,7 +24,20 @@ The request body is the plain chat-completions schema, so nothing is lost by not
 
 Key hygiene: the key is read from the environment variable once, kept in a private header dict,
 and never put into :meth:`describe`, log records, exception messages or ``Response.meta``
-(server error text is scrubbed of it before it is used).
+(server error text and answers are scrubbed of it, and of the base URL's credentials, which are
+shown redacted as ``http://***@host/...``).
+
+Deadlines: ``timeout`` bounds a whole request, not one socket operation. Each attempt opens its
+own connection (no keep-alive) and a watchdog timer shuts that socket down at the deadline, so a
+server that trickles its headers or body a byte at a time cannot hold a request longer; the body
+is also read in chunks with a size cap (:data:`MAX_BODY_BYTES`, after decompression). Ctrl-C or
+SIGTERM while :meth:`explain_many` waits shuts down every socket in flight and re-raises at once.
+
+Answers that are not explanations (``finish_reason`` ``length`` or ``content_filter``, empty text,
+more than :data:`MAX_ANSWER_CHARS` characters) are failed samples with the reason in ``error``; the
+raw text stays in ``meta["raw_text"]``. Each answer's ``meta`` holds ``finish_reason``; the first
+answer of each request holds the request's ``usage`` (prompt and completion tokens, counted once
+however many choices the request returned).
 """
 
 from __future__ import annotations
@@ -32,36 +45,113 @@ from __future__ import annotations
 import base64
 import email.utils
 import io
+import json
 import logging
+import math
 import os
 import random
+import re
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, Callable
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import httpx
 
 from ..types import Prompt, Response, Traversal
-from .base import Backend, BackendError
-from .responses import clean_response
+from .base import Backend, BackendError, FatalBackendError
+from .responses import EMPTY_ERROR, clean_response
 
-__all__ = ["OpenAICompatBackend", "image_data_url"]
+__all__ = ["OpenAICompatBackend", "image_data_url", "redact_url", "check_env_name", "MAX_ANSWER_CHARS",
+           "MAX_BODY_BYTES"]
 
 log = logging.getLogger(__name__)
 
+#: Longest answer (characters) taken as an explanation; longer ones are failed samples.
+MAX_ANSWER_CHARS = 4000
+#: Largest response body read, after decompression (a gzip bomb stops here).
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
 _RETRY_STATUS = {408, 409, 425, 429}  # plus every 5xx
 _PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16"}
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_SECRET_QUERY = re.compile(r"key|token|secret|password|passwd|auth|sig", re.I)
+_MIN_SECRET = 4  # shorter "secrets" (a 1-letter password) would blank out ordinary text
+_REPEATS_FATAL = 2  # the same client error this many times in a row stops the run
+# A 400 about the n parameter: OpenAI's param "n", or the word n in the message ("n > 1 is not
+# supported", "'n' must be 1"); never "can't" or "max_tokens=600".
+_ABOUT_N = re.compile(r"(?<![\w.'\-])[`'\"]?n[`'\"]?(?![\w'\-])")
+# The answer does not fit the model's context (vLLM, OpenAI, llama.cpp wordings).
+_CONTEXT_LENGTH = re.compile(
+    r"max_model_len|context length|context window|maximum context|too many tokens|"
+    r"max_(?:completion_)?tokens['\"`]?\s*(?:=\s*\d+\s*)?(?:is too large|cannot be greater|must be less|exceeds|is greater)",
+    re.I,
+)
 
 
 class _RequestFailed(Exception):
     """A request that produced no usable body: retries exhausted or a non-retryable 4xx."""
 
-    def __init__(self, message: str, attempts: int, status: int | None = None) -> None:
+    def __init__(self, message: str, attempts: int, status: int | None = None, detail: str = "",
+                 param: str | None = None) -> None:
         super().__init__(message)
         self.attempts = attempts
         self.status = status
+        self.detail = detail  # the server's message
+        self.param = param
+
+
+def check_env_name(name: Any) -> str:
+    """``name`` when it is a valid environment variable name; else ValueError that does not echo it
+    (a key pasted where a name belongs must not end up in a terminal or a log)."""
+    if not isinstance(name, str) or not _ENV_NAME.match(name):
+        raise ValueError(
+            "--api-key-env takes the NAME of an environment variable (letters, digits and _, not starting "
+            "with a digit), e.g. OPENAI_API_KEY; the value given is not a name and is not shown, in case it is "
+            "the key itself: export the key in a variable and pass that variable's name"
+        )
+    return name
+
+
+def _finite_positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its user:password (and secret-looking query values) replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(_SECRET_QUERY.search(k) for k, _ in pairs):
+            query = "&".join(f"{k}=***" if _SECRET_QUERY.search(k) else f"{k}={v}" for k, v in pairs)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def url_secrets(url: str) -> set[str]:
+    """The secret parts of ``url`` as they may appear in text: user info (raw and decoded), secret query values."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return set()
+    found: set[str] = set()
+    if "@" in parts.netloc:
+        userinfo = parts.netloc.rpartition("@")[0]
+        found |= {userinfo, unquote(userinfo)}
+        user, _, password = userinfo.partition(":")
+        found |= {user, unquote(user), password, unquote(password)}
+    for k, v in parse_qsl(parts.query, keep_blank_values=True):
+        if _SECRET_QUERY.search(k) and v:
+            found |= {v}
+    return {s for s in found if s}
 
 
 def image_data_url(image: Any) -> str:
@@ -100,24 +190,92 @@ def _parse_retry_after(headers: httpx.Headers) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+class _Stopped(Exception):
+    """The call was stopped (a fatal error elsewhere, or Ctrl-C): no new request is started."""
+
+
+class _Call:
+    """State shared by every request of one ``explain`` / ``explain_many`` call."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.aborted = False
+        self.fatal: FatalBackendError | None = None
+        self._lock = threading.Lock()
+
+    def check(self) -> None:
+        if self.stop.is_set():
+            raise _Stopped("stopped: " + (str(self.fatal) if self.fatal else "interrupted"))
+
+    def fail(self, exc: FatalBackendError) -> None:
+        """Keep the first fatal error; start no new request (those in flight finish)."""
+        with self._lock:
+            if self.fatal is None:
+                self.fatal = exc
+        self.stop.set()
+
+
+class _Watch:
+    """The socket of one request attempt, so a watchdog can end it at its deadline (or on Ctrl-C)."""
+
+    def __init__(self, call: _Call) -> None:
+        self.call = call
+        self.fired = False
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+
+    def trace(self, event: str, info: dict) -> None:
+        """httpcore's ``trace`` extension: remember the socket of each connection this request opens."""
+        if event.endswith(("connect_tcp.complete", "start_tls.complete", "connect_unix_socket.complete")):
+            stream = info.get("return_value")
+            sock = stream.get_extra_info("socket") if stream is not None else None
+            if sock is not None:
+                with self._lock:
+                    self._sock = sock
+                    fired = self.fired
+                if fired:
+                    _shutdown(sock)
+
+    def fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            sock = self._sock
+        if sock is not None:
+            _shutdown(sock)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:  # wakes up a recv() blocked in another thread, unlike close()
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 class OpenAICompatBackend(Backend):
     """Explains a traversal by asking an OpenAI-compatible chat model ``n`` times.
 
     Args:
         model: model name sent in every request.
         base_url: API root (``.../v1``); ``/chat/completions`` is appended unless already there.
-        api_key_env: environment variable that holds the key (read once, here).
-        timeout: seconds per HTTP request (connect, write, read each).
+            Credentials in it (``http://user:pass@host``) are used, but never shown: ``base_url``,
+            :meth:`describe`, errors and answers carry a redacted form.
+        api_key_env: NAME of the environment variable that holds the key (read once, here).
+        timeout: overall deadline in seconds of one HTTP request (connect, send, headers and the
+            whole body), finite and > 0: a server that trickles bytes cannot hold a request longer.
         max_retries: retries after the first attempt for 429/5xx/timeouts/connection errors/
-            malformed bodies.
+            malformed or oversized bodies.
         concurrency: most requests in flight at once, over all jobs of :meth:`explain_many`.
         temperature, max_tokens: sampling parameters sent to the server.
         use_n: True: always one request with ``n``; False: always n single requests; None: try
             ``n`` and fall back (for this and later calls) when the server returns fewer choices
-            or rejects ``n``.
+            or rejects ``n`` (a 400 whose message is about ``n``, or that a request without ``n``
+            does not get).
         backoff_base, backoff_max: full-jitter backoff, attempt k waits
             ``uniform(0, min(backoff_max, backoff_base * 2**k))``; ``Retry-After`` wins when
             present (capped by ``backoff_max``).
+
+    401/403/404, a context-length 400 and the same 4xx twice in a row raise
+    :class:`~latentexplainer_plugin.backends.base.FatalBackendError` from :meth:`explain_many`.
     """
 
     name = "openai"
@@ -143,19 +301,21 @@ class OpenAICompatBackend(Backend):
             raise ValueError(f"model must be a non-empty string, got {model!r}")
         parts = urlsplit(base_url) if isinstance(base_url, str) else None
         if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"base_url must be an http:// or https:// URL, got {base_url!r}")
-        if not timeout or timeout <= 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+            shown = redact_url(base_url) if isinstance(base_url, str) else base_url
+            raise ValueError(f"base_url must be an http:// or https:// URL, got {shown!r}")
+        if not _finite_positive(timeout):
+            raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries!r}")
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency!r}")
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens!r}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
-        if backoff_base < 0 or backoff_max < 0:
-            raise ValueError(f"backoff_base and backoff_max must be >= 0, got {backoff_base!r}, {backoff_max!r}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if not all(isinstance(b, (int, float)) and math.isfinite(b) and b >= 0 for b in (backoff_base, backoff_max)):
+            raise ValueError(f"backoff_base and backoff_max must be finite and >= 0, got {backoff_base!r}, {backoff_max!r}")
+        check_env_name(api_key_env)
         key = os.environ.get(api_key_env, "").strip()
         if not key:
             raise BackendError(
@@ -163,8 +323,10 @@ class OpenAICompatBackend(Backend):
                 "(or choose another variable with --api-key-env NAME)"
             )
         self.model = model
-        self.base_url = base_url.rstrip("/")
-        self.url = self.base_url if self.base_url.endswith("/chat/completions") else self.base_url + "/chat/completions"
+        raw = base_url.rstrip("/")
+        self._post_url = raw if raw.endswith("/chat/completions") else raw + "/chat/completions"
+        self.base_url = redact_url(raw)  # what is shown and recorded; the real one is only sent
+        self.url = redact_url(self._post_url)
         self.api_key_env = api_key_env
         self.timeout = float(timeout)
         self.max_retries = int(max_retries)
@@ -174,14 +336,18 @@ class OpenAICompatBackend(Backend):
         self.use_n = use_n
         self.backoff_base = float(backoff_base)
         self.backoff_max = float(backoff_max)
-        self._secret = key
+        self._secrets = sorted({key, *url_secrets(base_url)}, key=len, reverse=True)
         self._headers = {"Authorization": f"Bearer {key}"}
         self._n_works: bool | None = use_n  # learned when use_n is None
+        self._probed = False  # a 400 not about n was retried once without n
         self._token_field = "max_tokens"
         self._slots = threading.BoundedSemaphore(self.concurrency)
         self._lock = threading.Lock()
         self._rng = random.Random()
         self._client: httpx.Client | None = None
+        self._live: set[_Watch] = set()
+        self._last_client_error: str | None = None
+        self._client_error_repeats = 0
 
     def __repr__(self) -> str:
         return f"OpenAICompatBackend(model={self.model!r}, base_url={self.base_url!r})"
@@ -205,50 +371,52 @@ class OpenAICompatBackend(Backend):
         """What changes the answers (used in cache keys); not retry or concurrency settings."""
         return {"base_url": self.base_url, "temperature": self.temperature, "max_tokens": self.max_tokens}
 
+    def scrub(self, text: str, mark: str = "***") -> str:
+        """``text`` with the key and the base URL's credentials replaced by ``mark``."""
+        for secret in self._secrets:
+            if len(secret) >= _MIN_SECRET:
+                text = text.replace(secret, mark)
+        return text
+
     def explain(self, traversal: Traversal, prompt: Prompt, n: int) -> list[Response]:
-        if n < 0:
-            raise ValueError(f"n must be >= 0, got {n}")
-        if n == 0:
-            return []
-        messages = self._messages(prompt)
-        use_n = self.use_n if self.use_n is not None else self._n_works
-        if n == 1 or use_n is False:
-            return self._singles(messages, n)
-
+        call = _Call()
         try:
-            got = self._request(messages, n)
-        except _RequestFailed as exc:
-            if self.use_n is None and exc.status in (400, 422):
-                log.info("server rejected n=%d (%s); using %d single requests", n, exc, n)
-                self._n_works = False
-                return self._singles(messages, n)
-            return [self._failed(str(exc), exc.attempts) for _ in range(n)]
-        if len(got) >= n:
-            if self.use_n is None:
-                self._n_works = True
-            return got[:n]
-        if self.use_n is True:
-            missing = n - len(got)
-            return got + [self._failed(f"server returned {len(got)} of {n} choices", 1) for _ in range(missing)]
-        log.info("server returned %d of %d choices; asking for the rest one by one", len(got), n)
-        self._n_works = False
-        return got + self._singles(messages, n - len(got))
+            return self._explain(prompt, n, call, None)
+        except _Stopped as exc:  # a fatal error in a parallel sample stopped the rest
+            if call.fatal is not None:
+                raise call.fatal from None
+            raise BackendError(str(exc)) from None
 
-    def explain_many(self, jobs: list[tuple[Traversal, Prompt, int]]) -> list[list[Response] | BaseException]:
+    def explain_many(
+        self,
+        jobs: list[tuple[Traversal, Prompt, int]],
+        on_response: Callable[[int, int, Response], None] | None = None,
+    ) -> list[list[Response] | BaseException]:
+        """Explain ``jobs`` concurrently; see :meth:`Backend.explain_many`.
+
+        A fatal error (bad key, wrong URL or model, a 400 that every request would get) starts no
+        new request, lets those in flight finish (their answers still reach ``on_response``) and
+        is raised. Ctrl-C / SIGTERM end every request in flight at once and are re-raised.
+        """
         if not jobs:
             return []
+        call = _Call()
 
-        def run(job: tuple[Traversal, Prompt, int]) -> list[Response] | BaseException:
-            traversal, prompt, n = job
+        def run(item: tuple[int, tuple[Traversal, Prompt, int]]) -> list[Response] | BaseException:
+            j, (_, prompt, n) = item
+            emit = None if on_response is None else (lambda i, r: on_response(j, i, r))
             try:
-                return self.explain(traversal, prompt, n)
+                return self._explain(prompt, n, call, emit)
+            except FatalBackendError as exc:
+                call.fail(exc)
+                return exc
             except Exception as exc:  # one job failing never loses the others
                 return exc
 
-        if len(jobs) == 1:
-            return [run(jobs[0])]
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(jobs)), thread_name_prefix="explain") as pool:
-            return list(pool.map(run, jobs))
+        out = self._run_all(run, list(enumerate(jobs)), call, "explain")
+        if call.fatal is not None:
+            raise call.fatal
+        return out
 
     def close(self) -> None:
         with self._lock:
@@ -261,6 +429,126 @@ class OpenAICompatBackend(Backend):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- planning ----------------------------------------------------------------------------
+    def _explain(self, prompt: Prompt, n: int, call: _Call, emit: Callable[[int, Response], None] | None) -> list[Response]:
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        if n == 0:
+            return []
+        emit = emit or (lambda i, r: None)
+        messages = self._messages(prompt)
+        use_n = self.use_n if self.use_n is not None else self._n_works
+        if n == 1 or use_n is False:
+            return self._singles(messages, n, call, emit, 0)
+
+        try:
+            got = self._request(messages, n, call)
+        except _RequestFailed as exc:
+            if self.use_n is None and exc.status in (400, 422) and not _CONTEXT_LENGTH.search(exc.detail):
+                if _about_n(exc):
+                    log.info("server rejected n=%d (%s); using %d single requests", n, exc, n)
+                    self._n_works = False
+                    return self._singles(messages, n, call, emit, 0)
+                with self._lock:
+                    probe = self._n_works is None and not self._probed
+                    self._probed = True
+                if probe:  # is it n after all? one request without it tells
+                    try:
+                        first = self._request(messages, 1, call)[:1]
+                    except _RequestFailed as again:
+                        self._client_error(again)
+                        return [self._failed(str(again), exc.attempts + again.attempts) for _ in range(n)]
+                    log.info("server rejected n=%d (%s) but answered without n; using single requests", n, exc)
+                    self._n_works = False
+                    for i, response in enumerate(first):
+                        emit(i, response)
+                    return first + self._singles(messages, n - len(first), call, emit, len(first))
+            self._client_error(exc)
+            return [self._failed(str(exc), exc.attempts) for _ in range(n)]
+        got = got[:n]
+        for i, response in enumerate(got):
+            emit(i, response)
+        if len(got) == n:
+            if self.use_n is None:
+                self._n_works = True
+            return got
+        if self.use_n is True:
+            missing = n - len(got)
+            return got + [self._failed(f"server returned {len(got)} of {n} choices", 1) for _ in range(missing)]
+        log.info("server returned %d of %d choices; asking for the rest one by one", len(got), n)
+        self._n_works = False
+        return got + self._singles(messages, n - len(got), call, emit, len(got))
+
+    def _singles(self, messages: list[dict], count: int, call: _Call, emit: Callable[[int, Response], None],
+                 offset: int) -> list[Response]:
+        """``count`` one-choice requests, run in parallel (the semaphore bounds what is in flight)."""
+
+        def one(i: int) -> Response:
+            try:
+                got = self._request(messages, 1, call)
+            except _RequestFailed as exc:
+                self._client_error(exc)
+                return self._failed(str(exc), exc.attempts)
+            response = got[0] if got else self._failed("server returned no choices", 1)
+            emit(offset + i, response)
+            return response
+
+        return self._run_all(one, list(range(count)), call, "sample")
+
+    def _run_all(self, fn: Callable[[Any], Any], items: list[Any], call: _Call, label: str) -> list[Any]:
+        """``fn`` over ``items`` in threads. An exception from ``fn`` is raised after the others
+        finish (a fatal one first stops new requests); Ctrl-C / SIGTERM (raised in the waiting
+        thread) ends the requests in flight at once and does not wait for their threads."""
+        if len(items) == 1:
+            return [fn(items[0])]
+        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(items)), thread_name_prefix=label)
+        futures = [pool.submit(fn, item) for item in items]
+        try:
+            out = [f.result() for f in futures]
+        except Exception as exc:
+            if isinstance(exc, FatalBackendError):
+                call.fail(exc)
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        except BaseException:
+            self._abort(call)
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+        return out
+
+    def _abort(self, call: _Call) -> None:
+        """Ctrl-C / SIGTERM: start nothing new and end every request of ``call`` in flight now."""
+        call.aborted = True
+        call.stop.set()
+        with self._lock:
+            watches = [w for w in self._live if w.call is call]
+        for watch in watches:
+            watch.fire()
+
+    def _client_error(self, exc: _RequestFailed) -> None:
+        """Stop the run on a client error that every request would get: a context-length 400 at
+        once, any other 4xx when the same one comes back twice in a row."""
+        if exc.status is None or not 400 <= exc.status < 500:
+            return
+        what = f"HTTP {exc.status} from {self.url}: {exc.detail}"
+        if _CONTEXT_LENGTH.search(exc.detail):
+            raise FatalBackendError(
+                f"{what}. The prompt plus --max-new-tokens ({self.max_tokens}) do not fit the model's context: "
+                "lower --max-new-tokens (or serve the model with a longer context)"
+            )
+        with self._lock:
+            if exc.detail == self._last_client_error:
+                self._client_error_repeats += 1
+            else:
+                self._last_client_error, self._client_error_repeats = exc.detail, 1
+            repeats = self._client_error_repeats
+        if repeats >= _REPEATS_FATAL:
+            raise FatalBackendError(
+                f"{what} ({repeats} requests in a row got this error; stopping instead of sending the rest). "
+                f"Fix the request: {_flag_hint(exc.detail)}"
+            )
 
     # -- requests ----------------------------------------------------------------------------
     def _messages(self, prompt: Prompt) -> list[dict]:
@@ -284,93 +572,102 @@ class OpenAICompatBackend(Backend):
             body["n"] = n
         return body
 
-    def _singles(self, messages: list[dict], count: int) -> list[Response]:
-        """``count`` one-choice requests, run in parallel (the semaphore bounds what is in flight)."""
-
-        def one(_: int) -> Response:
-            try:
-                got = self._request(messages, 1)
-            except _RequestFailed as exc:
-                return self._failed(str(exc), exc.attempts)
-            return got[0] if got else self._failed("server returned no choices", 1)
-
-        if count == 1:
-            return [one(0)]
-        with ThreadPoolExecutor(max_workers=min(count, self.concurrency), thread_name_prefix="sample") as pool:
-            return list(pool.map(one, range(count)))  # re-raises a BackendError from any sample
-
-    def _request(self, messages: list[dict], n: int) -> list[Response]:
-        """One chat-completions call (with retries); its choices as cleaned Responses."""
+    def _request(self, messages: list[dict], n: int, call: _Call) -> list[Response]:
+        """One chat-completions call (with retries); its choices as checked Responses."""
         try:
-            data, attempts, latency = self._post(self._body(messages, n))
+            data, attempts, latency = self._post(self._body(messages, n), call)
         except _RequestFailed as exc:
             if (
                 exc.status == 400
                 and self._token_field == "max_tokens"
-                and "max_completion_tokens" in str(exc)
+                and "max_completion_tokens" in exc.detail
             ):  # newer OpenAI models renamed the parameter
                 self._token_field = "max_completion_tokens"
-                data, attempts, latency = self._post(self._body(messages, n))
+                data, attempts, latency = self._post(self._body(messages, n), call)
             else:
                 raise
+        with self._lock:
+            self._last_client_error, self._client_error_repeats = None, 0
         return self._responses(data, attempts, latency)
 
-    def _post(self, body: dict) -> tuple[dict, int, float]:
+    def _post(self, body: dict, call: _Call) -> tuple[dict, int, float]:
         client = self._get_client()
         attempts = 0
         last_error = "no attempt made"
         unreachable = False
         for attempt in range(self.max_retries + 1):
+            call.check()
             attempts += 1
-            retry_after: float | None = None
-            started = time.monotonic()
-            try:
-                with self._slots:
-                    reply = client.post(self.url, json=body, headers=self._headers)
-            except httpx.TimeoutException as exc:
-                last_error = f"request timed out after {self.timeout:g} s ({type(exc).__name__})"
-                unreachable = False
-            except httpx.TransportError as exc:
-                last_error = self._scrub(f"connection error at {self.url}: {type(exc).__name__}: {exc}")
-                unreachable = isinstance(exc, httpx.ConnectError)
-            else:
-                unreachable = False
-                latency = time.monotonic() - started
-                status = reply.status_code
-                if status in (401, 403):
-                    raise BackendError(
-                        f"authentication failed (HTTP {status}) at {self.url}: check the key in ${self.api_key_env}"
-                    )
-                if status == 404:
-                    raise BackendError(
-                        f"HTTP 404 at {self.url}: check the base URL and the model name {self.model!r}"
-                        f" ({self._snippet(reply)})"
-                    )
-                if status in _RETRY_STATUS or status >= 500:
-                    last_error = f"HTTP {status} from {self.url}: {self._snippet(reply)}"
-                    retry_after = _parse_retry_after(reply.headers)
-                elif status >= 400:
-                    raise _RequestFailed(f"HTTP {status} from {self.url}: {self._snippet(reply)}", attempts, status)
-                else:
-                    try:
-                        data = reply.json()
-                    except ValueError:
-                        last_error = f"malformed JSON from {self.url}: {self._snippet(reply)}"
-                    else:
-                        choices = data.get("choices") if isinstance(data, dict) else None
-                        if isinstance(choices, list) and choices and all(isinstance(c, dict) for c in choices):
-                            return data, attempts, latency
-                        detail = data.get("error") if isinstance(data, dict) else None
-                        last_error = self._scrub(
-                            f"response from {self.url} has no choices" + (f": {detail}" if detail else "")
-                        )[:500]
+            with self._slots:
+                call.check()
+                outcome = self._attempt(client, body, call, attempts)
+            if isinstance(outcome, tuple):
+                return outcome
+            last_error, retry_after, unreachable = outcome.error, outcome.retry_after, outcome.unreachable
             if attempt < self.max_retries:
                 delay = self._backoff(attempt, retry_after)
                 log.debug("attempt %d failed (%s); retrying in %.2f s", attempts, last_error, delay)
-                time.sleep(delay)
+                call.stop.wait(delay)
+        call.check()
         if unreachable:
             raise BackendError(f"cannot reach {self.url} after {attempts} attempts: {last_error}")
         raise _RequestFailed(f"{last_error} (gave up after {attempts} attempts)", attempts)
+
+    def _attempt(self, client: httpx.Client, body: dict, call: _Call, attempts: int) -> tuple[dict, int, float] | _Retry:
+        """One HTTP attempt under an overall deadline: the parsed body, or why to retry."""
+        started = time.monotonic()
+        deadline = started + self.timeout
+        watch = _Watch(call)
+        timer = threading.Timer(self.timeout, watch.fire)
+        timer.daemon = True
+        with self._lock:
+            self._live.add(watch)
+        timer.start()
+        try:
+            with client.stream("POST", self._post_url, json=body, headers=self._headers,
+                               extensions={"trace": watch.trace}) as reply:
+                status = reply.status_code
+                raw = _read_capped(reply, deadline)
+        except _Oversized as exc:
+            return _Retry(f"response from {self.url} is too large ({exc}; limit {MAX_BODY_BYTES} bytes)")
+        except httpx.TimeoutException as exc:
+            return _Retry(f"request timed out after {self.timeout:g} s ({type(exc).__name__})")
+        except httpx.RequestError as exc:
+            if call.aborted:
+                raise _Stopped("interrupted") from None
+            if watch.fired or time.monotonic() >= deadline:
+                return _Retry(f"request timed out after {self.timeout:g} s (the overall deadline of one request)")
+            unreachable = isinstance(exc, httpx.ConnectError)
+            return _Retry(self.scrub(f"connection error at {self.url}: {type(exc).__name__}: {exc}"), unreachable=unreachable)
+        finally:
+            timer.cancel()
+            with self._lock:
+                self._live.discard(watch)
+        latency = time.monotonic() - started
+        message, param = self._error_detail(raw)
+        if status in (401, 403):
+            raise FatalBackendError(
+                f"authentication failed (HTTP {status}) at {self.url}: check the key in ${self.api_key_env}"
+                + (f" (server: {message})" if message else "")
+            )
+        if status == 404:
+            raise FatalBackendError(
+                f"HTTP 404 at {self.url}: check the base URL and the model name {self.model!r} ({message or '(empty body)'})"
+            )
+        if status in _RETRY_STATUS or status >= 500:
+            return _Retry(f"HTTP {status} from {self.url}: {message or '(empty body)'}", _parse_retry_after(reply.headers))
+        if status >= 400:
+            raise _RequestFailed(f"HTTP {status} from {self.url}: {message or '(empty body)'}", attempts, status,
+                                 detail=message, param=param)
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return _Retry(f"malformed JSON from {self.url}: {self._text_snippet(raw)}")
+        choices = data.get("choices") if isinstance(data, dict) else None
+        if isinstance(choices, list) and choices and all(isinstance(c, dict) for c in choices):
+            return data, attempts, latency
+        detail = data.get("error") if isinstance(data, dict) else None
+        return _Retry(self.scrub(f"response from {self.url} has no choices" + (f": {detail}" if detail else ""))[:500])
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -382,25 +679,46 @@ class OpenAICompatBackend(Backend):
         choices = sorted(
             data["choices"], key=lambda c: c.get("index", 0) if isinstance(c.get("index"), int) else 0
         )
+        usage = _usage(data.get("usage"))
         out = []
-        for choice in choices:
+        for k, choice in enumerate(choices):
             message = choice.get("message") or {}
             content = message.get("content") if isinstance(message, dict) else None
             if isinstance(content, list):  # some servers answer with content parts
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+                content = "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
             elif content is not None and not isinstance(content, str):
                 content = str(content)
-            response = clean_response(content)
-            if response.text is None and isinstance(message, dict) and message.get("refusal"):
-                response.error = self._scrub(f"refused: {message['refusal']}")[:500]
+            if content is not None:
+                content = self.scrub(content, "[redacted]")  # a model may echo a secret; "***" reads as markdown
+            finish = choice.get("finish_reason")
+            finish = finish if isinstance(finish, str) else None
+            response = self._check_answer(content, finish)
+            if response.text is None and response.error == EMPTY_ERROR and isinstance(message, dict) and message.get("refusal"):
+                response.error = self.scrub(f"refused: {message['refusal']}")[:500]
             response.meta = {
-                "model": data.get("model") or self.model,
+                "model": self.scrub(data["model"])[:200] if isinstance(data.get("model"), str) else self.model,
                 "latency_s": round(latency, 4),
                 "attempts": attempts,
-                "finish_reason": choice.get("finish_reason"),
+                "finish_reason": finish,
             }
+            if k == 0:  # the request's tokens, counted once however many choices it returned
+                response.meta["usage"] = usage
+            if response.text is None and content and content.strip():
+                response.meta["raw_text"] = content[:MAX_ANSWER_CHARS]
             out.append(response)
         return out
+
+    def _check_answer(self, content: str | None, finish: str | None) -> Response:
+        """An answer that is cut off, filtered or oversized is a failed sample, never an explanation."""
+        if finish == "length":
+            return Response(text=None, error=(
+                f"truncated: finish_reason=length (raise --max-new-tokens, now {self.max_tokens})"))
+        if finish == "content_filter":
+            return Response(text=None, error="filtered: finish_reason=content_filter (the server withheld the answer)")
+        if content is not None and len(content) > MAX_ANSWER_CHARS:
+            return Response(text=None, error=(
+                f"answer too long: {len(content)} characters (limit {MAX_ANSWER_CHARS}); not an explanation"))
+        return clean_response(content)
 
     # -- helpers -----------------------------------------------------------------------------
     def _get_client(self) -> httpx.Client:
@@ -408,24 +726,91 @@ class OpenAICompatBackend(Backend):
             if self._client is None:
                 self._client = httpx.Client(
                     timeout=httpx.Timeout(self.timeout),
-                    limits=httpx.Limits(
-                        max_connections=self.concurrency, max_keepalive_connections=self.concurrency
-                    ),
+                    # no keep-alive: each request opens its own connection, so the watchdog knows
+                    # which socket to end at the deadline (see _Watch)
+                    limits=httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=0),
                     follow_redirects=False,
                 )
             return self._client
 
     def _failed(self, error: str, attempts: int) -> Response:
-        return Response(text=None, error=self._scrub(error), meta={"model": self.model, "attempts": attempts})
+        return Response(text=None, error=self.scrub(error), meta={"model": self.model, "attempts": attempts})
 
-    def _scrub(self, text: str) -> str:
-        return text.replace(self._secret, "***") if self._secret else text
-
-    def _snippet(self, reply: httpx.Response) -> str:
+    def _error_detail(self, raw: bytes) -> tuple[str, str | None]:
+        """The server's error message (scrubbed, one line, at most 300 characters) and its ``param``."""
+        param = None
         try:
-            data = reply.json()
-            message = data["error"]["message"] if isinstance(data.get("error"), dict) else data.get("error") or data
-        except Exception:
-            message = reply.text
-        text = " ".join(str(message).split())
-        return self._scrub(text)[:300] or "(empty body)"
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return self._text_snippet(raw) if raw.strip() else "", None
+        error = data.get("error") if isinstance(data, dict) else None
+        if isinstance(error, dict):
+            message = error.get("message", error)
+            param = error.get("param") if isinstance(error.get("param"), str) else None
+        elif error is not None:
+            message = error
+        elif isinstance(data, dict) and "message" in data:
+            message = data["message"]
+        else:
+            message = data
+        return self.scrub(" ".join(str(message).split()))[:300], param
+
+    def _text_snippet(self, raw: bytes) -> str:
+        text = " ".join(raw[:2000].decode("utf-8", "replace").split())
+        return self.scrub(text)[:300] or "(empty body)"
+
+
+class _Retry:
+    """Why an attempt failed in a way worth retrying."""
+
+    def __init__(self, error: str, retry_after: float | None = None, unreachable: bool = False) -> None:
+        self.error, self.retry_after, self.unreachable = error, retry_after, unreachable
+
+
+class _Oversized(Exception):
+    pass
+
+
+def _read_capped(reply: httpx.Response, deadline: float) -> bytes:
+    """The (decompressed) body, refusing more than MAX_BODY_BYTES and stopping at ``deadline``."""
+    declared = reply.headers.get("content-length")
+    if declared and declared.strip().isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _Oversized(f"Content-Length {int(declared)}")
+    chunks, size = [], 0
+    for chunk in reply.iter_bytes():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise _Oversized(f"more than {size} bytes")
+        if time.monotonic() >= deadline:
+            raise httpx.ReadTimeout("overall deadline passed while reading the body")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _usage(raw: Any) -> dict[str, int | None]:
+    """``prompt_tokens`` / ``completion_tokens`` of one request (None where the server gave none)."""
+    raw = raw if isinstance(raw, dict) else {}
+
+    def count(key: str) -> int | None:
+        value = raw.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+    return {"prompt_tokens": count("prompt_tokens"), "completion_tokens": count("completion_tokens"), "requests": 1}
+
+
+def _about_n(exc: _RequestFailed) -> bool:
+    """True when a 400 names the ``n`` parameter (OpenAI's ``param``, or the word ``n`` in its message)."""
+    return exc.param == "n" or bool(_ABOUT_N.search(exc.detail))
+
+
+def _flag_hint(detail: str) -> str:
+    text = detail.lower()
+    if "max_tokens" in text or "max_completion_tokens" in text or "token" in text:
+        return "change --max-new-tokens"
+    if "model" in text:
+        return "check the model name in --backend openai:MODEL"
+    if "temperature" in text:
+        return "the temperature is not accepted by this server"
+    if "image" in text:
+        return "this model or server may not accept images"
+    return "check --backend openai:MODEL, --base-url and --max-new-tokens"
