@@ -38,7 +38,9 @@ def tiny_vae():
 
 @pytest.fixture(scope="session")
 def tiny_trained_vae(tmp_path_factory):
-    """A directory with ``data.npz`` (64 shapes images, 16x16) and ``model/`` trained by ``train-vae`` (3 latents)."""
+    """A directory with ``data.npz`` (64 shapes images, 16x16) and ``model/`` trained by ``train-vae`` (3 latents,
+    300 steps, about 3 s: enough for every latent to change the images consistently, so the image evidence
+    lets answers about them be clear)."""
     import numpy as np
 
     from latentexplainer_plugin.cli import main
@@ -47,6 +49,6 @@ def tiny_trained_vae(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-vae")
     np.savez(root / "data.npz", **make_dataset(64, ShapesSpec(size=16), seed=3))
     code = main(["train-vae", "--data", str(root / "data.npz"), "--out", str(root / "model"),
-                 "--steps", "3", "--latents", "3", "--batch-size", "8", "--threads", "1", "--quiet"])
+                 "--steps", "300", "--latents", "3", "--batch-size", "8", "--threads", "1", "--quiet"])
     assert code == 0
     return root

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from latentexplainer_plugin.adapters import VAEAdapter
-from latentexplainer_plugin.report.strips import grid, save_strip
+from latentexplainer_plugin.report.strips import grid, labelled_grid, save_strip
 
 
 def count_decoder_calls(model):
@@ -99,4 +99,7 @@ def test_strip_png_has_labelled_grid(tiny_vae, tmp_path):
     path = save_strip(t, tmp_path / "strips" / "z0.png", bases=[0])
     from PIL import Image
 
-    assert Image.open(path).size[1] < img.size[1]
+    # one base of two: shorter than the report's grid of every base (the saved strip is enlarged, so
+    # it is compared with the same renderer, not with the prompt's grid)
+    assert Image.open(path).size[1] < labelled_grid(t).size[1]
+    assert Image.open(path).size[0] >= 3 * 64  # enlarged to at least 64 px per cell
