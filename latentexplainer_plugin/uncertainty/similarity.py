@@ -96,6 +96,11 @@ class Similarity(Protocol):
     def matrix(self, texts: list[str]) -> np.ndarray: ...
 
 
+def _prepared(texts: Sequence[str], strip: bool) -> list[str]:
+    """The texts a measure compares: a list, with the traversal frame removed when ``strip``."""
+    return [strip_frame(t) for t in texts] if strip else list(texts)
+
+
 def _finish(sim: np.ndarray) -> np.ndarray:
     """Make a raw similarity matrix exactly symmetric, within [0, 1], with a unit diagonal."""
     sim = np.asarray(sim, dtype=np.float64)
@@ -232,11 +237,9 @@ class RefinedBagOfWordsSimilarity:
             return np.zeros((len(texts), 0), dtype=np.float64)
 
     def matrix(self, texts: list[str]) -> np.ndarray:
-        texts = list(texts)
+        texts = _prepared(texts, self.strip_frame)
         if not texts:
             return np.zeros((0, 0))
-        if self.strip_frame:
-            texts = [strip_frame(t) for t in texts]
         counts = self.counts(texts)
         norms = np.linalg.norm(counts, axis=1)
         safe = np.where(norms > 0, norms, 1.0)
@@ -327,11 +330,9 @@ class EmbeddingSimilarity:
         return emb / np.where(norms > 0, norms, 1.0)
 
     def matrix(self, texts: list[str]) -> np.ndarray:
-        texts = list(texts)
+        texts = _prepared(texts, self.strip_frame)
         if not texts:
             return np.zeros((0, 0))
-        if self.strip_frame:
-            texts = [strip_frame(t) for t in texts]
         # Encode each distinct text once: identical answers then get identical rows.
         position = {t: i for i, t in enumerate(dict.fromkeys(texts))}
         emb = self.embed(list(position))
