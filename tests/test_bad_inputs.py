@@ -294,7 +294,7 @@ def _api_cases():
     bases = torch.zeros(1, 3)
     return [
         ("unknown-direction-finder", lambda m, t: get_direction_finder("eigen"), UnknownComponentError,
-         "unknown direction finder 'eigen'; registered: axes, conditional, given, pca, pullback"),
+         "unknown direction finder 'eigen'; registered: axes, conditional, ganspace, given, pca, pullback, sefa"),
         ("unknown-backend", lambda m, t: LatentExplainer(m, backend="gpt5"), UnknownComponentError, "unknown backend 'gpt5'; registered:"),
         ("zero-norm-direction", lambda m, t: given(torch.zeros(2, 3)), ValueError, "direction(s) [0, 1] have zero norm"),
         ("nan-direction", lambda m, t: given(torch.tensor([1.0, float("nan"), 0.0])), EditError, "directions contains 1 non-finite values (1 NaN"),
