@@ -168,7 +168,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=None)
     p.add_argument("--timeout", type=float, default=None)
     p.add_argument("--samples", type=int, default=5)
-    p.add_argument("--similarity", default="embed", help="the run's certainty measure (both are reported)")
+    p.add_argument("--similarity", default="agree", help="the run's certainty measure (agree, embed and bow are all reported)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--demo-model", default=None, help="demo model directory (default: the shipped weights)")
     p.add_argument("--eval-images", type=int, default=2000, help="held-out images per dataset")
