@@ -283,3 +283,115 @@ def test_cli_refuses_a_link_at_results_json_with_force(tiny_trained_vae, tmp_pat
     err = capsys.readouterr().err
     assert "symbolic link" in err and "Traceback" not in err
     assert target.read_text() == SECRET and not (run / "strips").exists()
+
+
+# -- make-data and the evaluation harness -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("out_arg", ["d.npz", "d"], ids=["with-suffix", "suffix-added"])
+def test_make_data_refuses_a_link_at_its_file(out_arg, tmp_path, capsys):
+    target = outside(tmp_path)
+    (tmp_path / "d.npz").symlink_to(target)  # where the file goes, also when numpy would add the suffix
+    assert main(["make-data", "--out", str(tmp_path / out_arg), "--n", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'd.npz'} is a symbolic link" in err and "Traceback" not in err
+    assert target.read_text() == SECRET and (tmp_path / "d.npz").is_symlink() and temp_files(tmp_path) == []
+
+
+def test_make_data_still_writes_the_npz_numpy_would_have_written(tmp_path, capsys):
+    import numpy as np
+
+    from latentexplainer_plugin.demo.shapes import make_dataset
+
+    assert main(["make-data", "--out", str(tmp_path / "d"), "--n", "3", "--seed", "4"]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'd.npz'} (3 images)"
+    assert [p.name for p in tmp_path.iterdir()] == ["d.npz"]
+    expected = make_dataset(3, seed=4)
+    with np.load(tmp_path / "d.npz") as f:
+        assert sorted(f.files) == sorted(expected)
+        for key, value in expected.items():
+            np.testing.assert_array_equal(f[key], value)
+    assert stat.S_IMODE(os.stat(tmp_path / "d.npz").st_mode) == safe_io.FILE_MODE & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _letter_embed(texts):
+    """Unit-norm letter-count vectors: a cheap stand-in for the sentence model."""
+    import numpy as np
+
+    out = np.array([[t.lower().count(ch) for ch in "abcdefghijklmnopqrstuvwxyz"] for t in texts], dtype=float) + 1e-6
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory):
+    """A small explained and evaluated run (random VAE, offline backend): its folder, model, data and evaluation."""
+    from latentexplainer_plugin.demo.model import ConvVAE, ConvVAEConfig
+    from latentexplainer_plugin.demo.shapes import ShapesSpec, make_dataset
+    from latentexplainer_plugin.evaluation import harness
+    from latentexplainer_plugin.evaluation.judge import FactorJudge
+
+    torch.manual_seed(0)
+    d = make_dataset(40, ShapesSpec(size=16), seed=2)
+    data = {"images": d["images"], "factors": d["factors"][:, 3:4], "factor_names": ["scale"]}
+    vae = ConvVAE(ConvVAEConfig(latent_dim=2, image_size=16, width=8, hidden=16)).eval()
+    run = tmp_path_factory.mktemp("evaluated") / "run"
+    ev = harness.evaluate(vae, data, run, samples=2, similarity="bow", similarities=("bow",), disentanglement=False,
+                          judge=FactorJudge(["scale"], embed=_letter_embed))
+    return run, vae, data, ev
+
+
+@pytest.mark.parametrize("name", ["evaluation.json", "evaluation.md", "roc.png"])
+def test_evaluate_run_refuses_a_link_at_any_output_and_writes_none(name, evaluated_run, tmp_path):
+    import shutil
+
+    from latentexplainer_plugin.evaluation import harness
+    from latentexplainer_plugin.evaluation.judge import FactorJudge
+
+    src, vae, data, _ = evaluated_run
+    run = tmp_path / "run"
+    shutil.copytree(src, run, ignore=shutil.ignore_patterns("evaluation.*", "roc.png"))
+    target = outside(tmp_path)
+    (run / name).symlink_to(target)
+    with pytest.raises(safe_io.UnsafePathError, match="symbolic link"):
+        harness.evaluate_run(run, vae, data, similarities=("bow",), disentanglement=False,
+                             judge=FactorJudge(["scale"], embed=_letter_embed))
+    assert target.read_text() == SECRET and (run / name).is_symlink() and temp_files(run) == []
+    assert sorted(p.name for p in run.iterdir() if p.name in {"evaluation.json", "evaluation.md", "roc.png"}) == [name]
+
+
+def test_write_markdown_and_write_roc_refuse_a_link_and_write_atomically(evaluated_run, tmp_path):
+    from latentexplainer_plugin.evaluation import harness
+
+    ev = evaluated_run[3]
+    target = outside(tmp_path)
+    for name, write in (("evaluation.md", harness.write_markdown), ("roc.png", harness.write_roc)):
+        (tmp_path / name).symlink_to(target)
+        with pytest.raises(safe_io.UnsafePathError, match="symbolic link"):
+            write(ev, tmp_path / name)
+        assert target.read_text() == SECRET and (tmp_path / name).is_symlink()
+        (tmp_path / name).unlink()
+        write(ev, tmp_path / name)  # a regular file (or nothing) there: written as before
+    assert temp_files(tmp_path) == []
+    assert (tmp_path / "evaluation.md").read_text(encoding="utf-8") == harness.markdown(ev)
+    assert (tmp_path / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    harness.write_roc(ev, tmp_path / "roc.svg")  # the format still follows the file name, as with savefig(path)
+    assert b"<svg" in (tmp_path / "roc.svg").read_bytes()[:400]
+
+
+def test_cli_evaluate_refuses_a_link_at_roc_png_with_exit_2(tiny_trained_vae, tmp_path, capsys):
+    target = outside(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "roc.png").symlink_to(target)
+    code = main(["evaluate", "--model", str(tiny_trained_vae / "model"), "--data", str(tiny_trained_vae / "data.npz"),
+                 "--out", str(run), "--samples", "2", "--similarity", "bow", "--latents", "0", "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'roc.png'} is a symbolic link" in err and "Traceback" not in err
+    assert target.read_text() == SECRET and not (run / "evaluation.json").exists() and temp_files(run) == []

@@ -305,12 +305,16 @@ def evaluate_run(run_dir: str | Path, model: Any, data: dict[str, Any], *, data_
     evaluation.json, evaluation.md and roc.png into ``run_dir``.
     """
     from ..run import KL_ACTIVE, latent_stats
+    from ..safe_io import check_target
     from ..store import atomic_write_text, read_results
     from ..uncertainty import get_similarity
     from .calibration import lookup_threshold
 
     started = time.perf_counter()
     run_dir = Path(run_dir)
+    if write:  # a link or special file where an output goes: refused before any work, nothing written
+        for name in (EVALUATION_JSON, EVALUATION_MD, ROC_PNG):
+            check_target(run_dir / name)
     results = read_results(run_dir / "results.json")
     settings = results.get("settings") or {}
     level_names = _level_names(data, _check_data(data)["factor_names"], data_path)
@@ -419,6 +423,8 @@ def evaluate_run(run_dir: str | Path, model: Any, data: dict[str, Any], *, data_
 
         from ..store import _jsonable
 
+        for name in (EVALUATION_JSON, EVALUATION_MD, ROC_PNG):  # again: one may have been planted meanwhile
+            check_target(run_dir / name)
         atomic_write_text(run_dir / EVALUATION_JSON, json.dumps(_jsonable(evaluation), indent=2, allow_nan=False) + "\n")
         atomic_write_text(run_dir / EVALUATION_MD, markdown(evaluation))
         write_roc(evaluation, run_dir / ROC_PNG)
@@ -646,15 +652,27 @@ def markdown(ev: dict[str, Any]) -> str:
 
 
 def write_markdown(ev: dict[str, Any], path: str | Path) -> None:
-    Path(path).write_text(markdown(ev), encoding="utf-8")
+    """Write :func:`markdown` of ``ev`` to ``path`` atomically; a link or special file there is refused
+    (:class:`~latentexplainer_plugin.safe_io.UnsafePathError`) and left untouched."""
+    from ..safe_io import atomic_write_text
+
+    atomic_write_text(path, markdown(ev))
 
 
 def write_roc(ev: dict[str, Any], path: str | Path) -> None:
     """ROC curves of certainty as a detector of factor-aligned latents, one per measure, with the
-    run threshold's operating point marked. Drawn with matplotlib's Agg canvas (no pyplot)."""
+    run threshold's operating point marked. Drawn with matplotlib's Agg canvas (no pyplot), rendered
+    in memory and written atomically: a link or special file at ``path`` is refused
+    (:class:`~latentexplainer_plugin.safe_io.UnsafePathError`) and left untouched."""
+    import io
+
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from sklearn.metrics import roc_curve
+
+    from .. import safe_io
+
+    safe_io.check_target(path)  # refuse a link before drawing anything
 
     fig = Figure(figsize=(4.6, 4.4), dpi=110)
     FigureCanvasAgg(fig)
@@ -685,7 +703,10 @@ def write_roc(ev: dict[str, Any], path: str | Path) -> None:
     ax.set_title("Certainty as a detector of factor-aligned latents", fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(str(path))
+    buffer = io.BytesIO()
+    # the format savefig would have taken from the file name (png when it has no suffix)
+    fig.savefig(buffer, format=Path(path).suffix.lstrip(".").lower() or "png")
+    safe_io.atomic_write_bytes(path, buffer.getvalue())
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -745,7 +766,12 @@ def cli_evaluate(args: Any, explain_command: Any, build_parser: Any = None, usag
     model = load_vae(args.model, device="cpu", allow_pickle=getattr(args, "allow_pickle", False))
     if not hasattr(model, "encode"):
         raise usage_error(f"--model {args.model}: evaluate needs a VAE with an encoder")
-    ev = evaluate_run(args.out, model, data, data_path=str(args.data), max_images=args.max_images, seed=args.seed)
+    from ..safe_io import UnsafePathError
+
+    try:
+        ev = evaluate_run(args.out, model, data, data_path=str(args.data), max_images=args.max_images, seed=args.seed)
+    except UnsafePathError as exc:
+        raise usage_error(str(exc)) from None
     print("\n".join(summary_lines(ev)))
     print(f"wrote {Path(args.out) / EVALUATION_JSON}, {EVALUATION_MD} and {ROC_PNG}")
     return code
