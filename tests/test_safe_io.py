@@ -395,3 +395,23 @@ def test_cli_evaluate_refuses_a_link_at_roc_png_with_exit_2(tiny_trained_vae, tm
     err = capsys.readouterr().err
     assert f"{run / 'roc.png'} is a symbolic link" in err and "Traceback" not in err
     assert target.read_text() == SECRET and not (run / "evaluation.json").exists() and temp_files(run) == []
+
+
+def test_pullback_directions_file_refuses_a_link(tmp_path):
+    import torch
+
+    from latentexplainer_plugin.directions import PullbackDirections
+    from latentexplainer_plugin.directions.base import Directions
+
+    found = PullbackDirections(torch.eye(2, 3), {"finder": "pullback"}, x_vectors=torch.eye(2, 4),
+                               singular_values=torch.tensor([2.0, 1.0]))
+    target = tmp_path / "outside.txt"
+    target.write_text(SECRET)
+    link = tmp_path / "directions.safetensors"
+    link.symlink_to(target)
+    with pytest.raises(Exception, match="link"):
+        found.save(link)
+    assert target.read_text() == SECRET and link.is_symlink()
+    link.unlink()
+    found.save(link)
+    assert torch.equal(Directions.load(link).vectors, torch.eye(2, 3))

@@ -117,7 +117,9 @@ class PullbackDirections(Directions):
         """Like :meth:`Directions.save`, with ``x_directions`` and ``singular_values`` tensors added."""
         import json
 
-        from safetensors.torch import save_file
+        from safetensors.torch import save
+
+        from ..safe_io import atomic_write_bytes
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,7 +128,8 @@ class PullbackDirections(Directions):
             tensors["x_directions"] = self.x_vectors.detach().contiguous().cpu()
         if self.singular_values is not None:
             tensors["singular_values"] = self.singular_values.detach().contiguous().cpu()
-        save_file(tensors, str(path), metadata={"provenance": json.dumps(self.provenance, sort_keys=True, default=str)})
+        data = save(tensors, metadata={"provenance": json.dumps(self.provenance, sort_keys=True, default=str)})
+        atomic_write_bytes(path, data)  # no link followed, never a half-written file
         return path
 
     @classmethod
