@@ -223,7 +223,7 @@ def test_cli_explain_ddpm_end_to_end(pipeline_dir, tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--direction", "wiggle"], "unknown direction finder 'wiggle'; registered: axes, conditional, given, pca, pullback"),
+    (["--direction", "wiggle"], "unknown direction finder 'wiggle'; registered: axes, conditional, ganspace, given, pca, pullback, sefa"),
     (["--n-directions", "0"], "--n-directions must be >= 1, got 0"),
     (["--bias", "disentanglement"], "use --bias combination"),
     (["--t-edit", "5000"], "t_edit must be a timestep in 0..999"),
