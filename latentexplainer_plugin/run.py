@@ -67,6 +67,18 @@ def _runs_latents_concurrently(backend: Any) -> bool:
     return type(backend).explain_many is not Backend.explain_many and getattr(backend, "concurrency", 2) > 1
 
 
+def _run_usage(store: RunStore, explainer: LatentExplainer) -> dict[str, int]:
+    """Tokens of every latent in the store, plus the prompt-template request of this invocation
+    (``--prompt-from-llm``), which belongs to no latent."""
+    total = total_usage(store.entries.values())
+    template = (getattr(explainer.bias, "extra", None) or {}).get("template_usage") or {}
+    for key in total:
+        value = template.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            total[key] += value
+    return total
+
+
 def explain_to_dir(explainer: LatentExplainer, out_dir: str | Path, *, target: Any = None, stats: LatentStats | None = None,
                    header: dict[str, Any] | None = None, resume: bool = False, force: bool = False,
                    progress: bool = True, chunk_size: int | None = None, extras: Any = None) -> dict[str, Any]:
@@ -120,11 +132,11 @@ def explain_to_dir(explainer: LatentExplainer, out_dir: str | Path, *, target: A
         explainer.attribute(target=targets, on_result=on_result, skip=sorted(done))
         bar.close()
         store.header["elapsed_s"] = round(time.perf_counter() - started, 3)
-        store.header["usage"] = total_usage(store.entries.values())
+        store.header["usage"] = _run_usage(store, explainer)
         data = store.finish()  # complete, incomplete or failed, from the entries
     except FatalBackendError as exc:  # every further request would fail the same way: keep what finished
         try:
-            store.header["usage"] = total_usage(store.entries.values())
+            store.header["usage"] = _run_usage(store, explainer)
             store.header["stopped"] = str(exc)
             store.finish()
         except Exception:
@@ -132,7 +144,7 @@ def explain_to_dir(explainer: LatentExplainer, out_dir: str | Path, *, target: A
         raise
     except KeyboardInterrupt:
         try:
-            store.header["usage"] = total_usage(store.entries.values())
+            store.header["usage"] = _run_usage(store, explainer)
             store.finish("interrupted")
         except Exception:  # e.g. disk full: the last good results.json stays; the interrupt wins
             store.release()

@@ -351,13 +351,18 @@ def test_cli_prompt_from_llm(tiny_vae, server, tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("error", PromptFromLLMWarning)
         assert run(tiny_vae, server, out, "--no-cache", "--prompt-from-llm") == 0
-    assert "prompt template (llm): LLMTEMPLATE" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "prompt template (llm): LLMTEMPLATE" in printed.err
     chat = server.chat_requests
     assert META_MARKER in " ".join(chat[0].text_parts())
     explain = chat[1:]
     assert len(explain) == 3
     assert all(" ".join(r.text_parts()).startswith("LLMTEMPLATE: the grid shows latent z") for r in explain)
     assert entries(out)["z0"]["explanation"] == Z0
+    # the template request belongs to no latent, but its tokens are part of the run's total
+    usage = read_results(out / "results.json")["usage"]
+    assert usage["requests"] == 4 and usage["prompt_tokens"] == 4 * server.prompt_tokens
+    assert "in 4 requests" in printed.out
     # the template prompt renders the same way build_prompt does for a real traversal
     bias = dataclasses.replace(DISENTANGLEMENT, template=LLM_TEMPLATE)
     prompt = build_prompt(bias, Traversal("z4", torch.zeros(1, 2, 2, 3, 8, 8), torch.tensor([-1.0, 1.0]), "set"))

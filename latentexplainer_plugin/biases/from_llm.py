@@ -174,6 +174,9 @@ def prompt_from_llm(bias: InductiveBias, backend: Backend, example: InductiveBia
     else:
         error = next((r.error for r in answers if r.error), None) or "no answer"
     answer = next((r for r in answers if r.ok), None)
+    from ..results import usage_of
+
+    spent = {"template_usage": usage_of(answers)}  # the request's tokens: counted in the run's total
     try:
         if answer is None:
             raise TemplateError(f"the backend gave no answer ({error})")
@@ -185,5 +188,5 @@ def prompt_from_llm(bias: InductiveBias, backend: Backend, example: InductiveBia
             stacklevel=2,
         )
         return dataclasses.replace(bias, extra={**bias.extra, "template_source": "deterministic",
-                                                "template_rejected": str(exc)})
-    return dataclasses.replace(bias, template=template, extra={**bias.extra, **source})
+                                                "template_rejected": str(exc), **spent})
+    return dataclasses.replace(bias, template=template, extra={**bias.extra, **source, **spent})
