@@ -318,3 +318,12 @@ def test_report_strip_is_enlarged_nearest_with_labelled_axes(tmp_path):
     # the caption names the axes with the run's strengths
     text = render_report(results_data() | {"settings": {"threshold": 0.4, "strengths": [-3, -1.5, 0, 1.5, 3]}})
     assert "columns: z0 moves from -3 to +3 (strength on top); rows: one per base latent" in text
+
+
+def test_unclear_cards_are_compact_with_their_images_folded():
+    text = render_report(results_data())
+    card = lambda lid: text[text.index(f"id='latent-{lid}'"):text.index("</section>", text.index(f"id='latent-{lid}'"))]
+    unclear, clear = card("z1"), card("z0")
+    folded = unclear[unclear.index("<details class='images-folded'>"):]
+    assert "<summary>traversal images</summary>" in folded and "src='strips/z1.png'" in folded
+    assert "images-folded" not in clear and "src='strips/z0.png'" in clear  # clear cards show their strip

@@ -232,10 +232,13 @@ def _latent(entry: dict[str, Any], threshold: float | None = None, strengths: li
         images.append(f"<figure><img class='heat' alt='where {_e(lid)} changes the image' src='{heat}'>"
                       "<figcaption>where the image changes along the traversal; "
                       "where the score rises (green) and falls (red)</figcaption></figure>")
+    shown = f"<div class='images'>{''.join(images)}</div>"
+    if state == "unclear" and images:  # compact: the card says why; the images are one click away
+        shown = f"<details class='images-folded'><summary>traversal images</summary>{shown}</details>"
     return (
         f"<section class='latent {state}' id='latent-{_e(lid)}'><h2>{_e(lid)} {badges}</h2>{body}"
         f"<div class='meta'>{' · '.join(meta)}</div>{_evidence(evidence)}"
-        f"<div class='images'>{''.join(images)}</div>{_responses(entry)}</section>"
+        f"{shown}{_responses(entry)}</section>"
     )
 
 
