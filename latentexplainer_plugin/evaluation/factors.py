@@ -11,7 +11,7 @@ thousand for 20 bins) or fewer bins.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,6 +46,19 @@ def discretize(x: np.ndarray, bins: int = 20) -> np.ndarray:
     rank among the distinct values (``0 .. n_unique-1``), so discrete factors keep their classes.
     A 1-D input gives a 1-D output; otherwise the shape is kept.
     """
+    def column(col: np.ndarray) -> np.ndarray:
+        uniq, inverse = np.unique(col, return_inverse=True)
+        if len(uniq) <= bins:
+            return inverse.reshape(-1)
+        edges = np.linspace(col.min(), col.max(), bins + 1)
+        # interior edges only: values equal to the max fall into the last bin
+        return np.digitize(col, edges[1:-1], right=False)
+
+    return _by_column(x, bins, column)
+
+
+def _by_column(x: np.ndarray, bins: int, label: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``label`` applied to every column of ``x`` (1-D in, 1-D out), after checking ``bins``."""
     if bins < 2:
         raise ValueError(f"bins must be >= 2, got {bins}")
     arr = np.asarray(x, dtype=float)
@@ -53,14 +66,7 @@ def discretize(x: np.ndarray, bins: int = 20) -> np.ndarray:
     arr = _as_2d(arr, "x")
     out = np.empty(arr.shape, dtype=np.int64)
     for j in range(arr.shape[1]):
-        col = arr[:, j]
-        uniq, inverse = np.unique(col, return_inverse=True)
-        if len(uniq) <= bins:
-            out[:, j] = inverse.reshape(-1)
-        else:
-            edges = np.linspace(col.min(), col.max(), bins + 1)
-            # interior edges only: values equal to the max fall into the last bin
-            out[:, j] = np.digitize(col, edges[1:-1], right=False)
+        out[:, j] = label(arr[:, j])
     return out[:, 0] if squeeze else out
 
 
@@ -72,16 +78,7 @@ def histogram_discretize(x: np.ndarray, bins: int = 20) -> np.ndarray:
     Unlike :func:`discretize`, a column with few distinct values is binned too (two values closer
     than a bin width share a bin), as disentanglement_lib does for codes.
     """
-    if bins < 2:
-        raise ValueError(f"bins must be >= 2, got {bins}")
-    arr = np.asarray(x, dtype=float)
-    squeeze = arr.ndim == 1
-    arr = _as_2d(arr, "x")
-    out = np.empty(arr.shape, dtype=np.int64)
-    for j in range(arr.shape[1]):
-        edges = np.histogram_bin_edges(arr[:, j], bins)
-        out[:, j] = np.digitize(arr[:, j], edges[1:-1], right=False)
-    return out[:, 0] if squeeze else out
+    return _by_column(x, bins, lambda col: np.digitize(col, np.histogram_bin_edges(col, bins)[1:-1], right=False))
 
 
 def mutual_info_matrix(codes: np.ndarray, factors: np.ndarray, bins: int = 20) -> np.ndarray:
