@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     from latentexplainer_plugin.demo import demo_data, load_demo_model
-    from latentexplainer_plugin.demo.train import latent_kl
+    from latentexplainer_plugin.models.training import latent_kl
     from latentexplainer_plugin.evidence import MIN_CHANGE, MIN_CONSISTENCY, MIN_RATIO, MIN_SIGNIFICANCE
 
     started = time.perf_counter()

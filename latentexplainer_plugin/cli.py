@@ -18,15 +18,13 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from .errors import UsageError  # noqa: F401 (re-exported)
+
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
 
-class UsageError(Exception):
-    """Bad command-line input, found before any expensive work."""
-
-
-DEFAULT_TRAIN_STEPS = 2000  # = demo.train.DEFAULT_STEPS (kept here so the parser needs no torch import)
+DEFAULT_TRAIN_STEPS = 2000  # = models.training.DEFAULT_STEPS (kept here so the parser needs no torch import)
 
 TRAIN_VAE_EPILOG = """\
 defaults (why each; docs/training.md has the measurements):
@@ -549,8 +547,8 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from .data import load_npz
-    from .demo.model import ConvVAEConfig
-    from .demo.train import beta_from_normalized, default_train_config, latent_report, train_vae
+    from .models.conv_vae import ConvVAEConfig
+    from .models.training import beta_from_normalized, default_train_config, latent_report, train_vae
 
     if args.steps < 1 or args.latents < 1 or args.batch_size < 2:
         raise UsageError("--steps and --latents must be >= 1 and --batch-size >= 2")
@@ -627,11 +625,11 @@ def cmd_make_data(args: argparse.Namespace) -> int:
     import numpy as np
 
     if args.dataset == "shapes2":
-        from .demo.shapes2 import make_dataset
+        from .data.shapes2 import make_dataset
     elif args.dataset == "shapes3":
-        from .demo.shapes3 import make_dataset
+        from .data.shapes3 import make_dataset
     else:
-        from .demo.shapes import make_dataset
+        from .data.shapes import make_dataset
 
     if args.n < 1:
         raise UsageError(f"--n must be >= 1, got {args.n}")

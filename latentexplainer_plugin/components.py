@@ -8,10 +8,7 @@ from .adapters.base import Adapter
 from .backends.base import Backend
 from .biases.base import InductiveBias
 from .plugins import BUILTIN_DISTRIBUTION, Entry, registry
-
-
-class PluginError(ValueError):
-    """A third-party plugin's factory failed; the message names the plugin and its distribution."""
+from .errors import PluginError  # noqa: F401 (re-exported)
 
 
 def _build(kind: str, entry: Entry, *args: Any, **options: Any) -> Any:

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .types import Traversal
+from .errors import NonFiniteImagesError  # noqa: F401 (re-exported)
 
 # Thresholds, measured with benchmarks/bench_evidence.py (docs/benchmarks.md, "Image evidence"):
 # Mean |last - first| per pixel (pooled, [0, 1] scale) below which nothing visibly changes: 2/255,
@@ -58,10 +59,6 @@ MIN_SIGNIFICANCE = 3.0
 MIN_STRIPS = 5  # perfect agreement over n strips has z = sqrt(n(n-1)/2): 3.16 for 5, fewer never pass
 POOL_TO = 16  # frames are average-pooled by max(1, side // POOL_TO) before the change is measured
 _MIN_CONTRAST = 0.1  # colour distance from the background an object needs (as the offline explainer)
-
-
-class NonFiniteImagesError(ValueError):
-    """The traversal images contain NaN or inf (NaN weights, or strengths too large for the model)."""
 
 
 @dataclass

@@ -26,6 +26,7 @@ import pluggy
 
 from . import hookspecs
 from .hookspecs import PROJECT
+from .errors import UnknownComponentError  # noqa: F401 (re-exported)
 
 DEFAULT_PLUGINS = (
     "latentexplainer_plugin.default_plugins.adapters",
@@ -66,10 +67,6 @@ class Registry:
             raise UnknownComponentError(
                 f"unknown {singular} {name!r}; registered: {', '.join(self.names()) or '(none)'}"
             ) from None
-
-
-class UnknownComponentError(ValueError):
-    """A name that no plugin registered; the message lists the registered names."""
 
 
 class PluginWarning(UserWarning):

@@ -37,7 +37,7 @@ def latent_stats(model: Any, images: np.ndarray, factors: np.ndarray | None = No
                  factor_names: Sequence[str] | None = None) -> LatentStats:
     """KL per latent (and captured factors when ``factors`` are given) of a VAE with ``encode``."""
     from .data import check_images_fit
-    from .demo.train import encode_means, latent_kl
+    from .models.training import encode_means, latent_kl
 
     config = getattr(model, "config", None)
     check_images_fit(images, getattr(config, "image_size", None), getattr(config, "channels", None))

@@ -28,6 +28,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
 
+from .errors import UnsafePathError  # noqa: F401 (re-exported)
+
 __all__ = ["FILE_MODE", "UnsafePathError", "atomic_writer", "atomic_write_bytes", "atomic_write_text",
            "check_target", "ensure_dir", "open_regular", "read_text", "temp_name"]
 
@@ -35,19 +37,6 @@ FILE_MODE = 0o666  # less the umask, as for any file a program creates with open
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _BINARY = getattr(os, "O_BINARY", 0)
-
-
-class UnsafePathError(OSError):
-    """A link or a special file stands where the project writes (or reads back) its own file."""
-
-    def __init__(self, path: str | Path, what: str):
-        message = (f"{path} is {what}, not a regular file; refusing to write or read through it. "
-                   "Remove it (or choose another --out / --cache-dir) and run again")
-        super().__init__(errno.ELOOP if what == "a symbolic link" else errno.EINVAL, message)
-        self.filename = str(path)
-
-    def __str__(self) -> str:  # the message alone, without OSError's "[Errno N]" prefix
-        return str(self.strerror)
 
 
 def _kind(mode: int) -> str | None:

@@ -13,10 +13,7 @@ import stat
 from pathlib import Path
 
 import torch
-
-
-class LoadError(ValueError):
-    """A model, weights or data file could not be read; the message says which and why."""
+from .errors import LoadError  # noqa: F401 (re-exported)
 
 
 def _refuse_special(path: Path, what: str) -> None:

@@ -32,6 +32,7 @@ from . import safe_io
 from .report.strips import grid
 from .results import SCHEMA_VERSION, LatentResult
 from .safe_io import UnsafePathError, atomic_write_text  # noqa: F401 - atomic_write_text: used from here by others
+from .errors import RunStoreError  # noqa: F401 (re-exported)
 
 try:  # POSIX
     import fcntl
@@ -50,10 +51,6 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 _held: set[str] = set()  # run directories locked by this process
 _held_guard = threading.Lock()
-
-
-class RunStoreError(RuntimeError):
-    """The run directory cannot be used (locked, settings differ, not writable, disk full)."""
 
 
 def _jsonable(obj: Any) -> Any:

@@ -30,7 +30,7 @@ def _seed():
 @pytest.fixture
 def tiny_vae():
     """An untrained 16x16 ConvVAE with 4 latents (fast; structure tests only)."""
-    from latentexplainer_plugin.demo.model import ConvVAE, ConvVAEConfig
+    from latentexplainer_plugin.models.conv_vae import ConvVAE, ConvVAEConfig
 
     torch.manual_seed(0)
     return ConvVAE(ConvVAEConfig(latent_dim=4, image_size=16, width=8, hidden=32)).eval()
@@ -44,7 +44,7 @@ def tiny_trained_vae(tmp_path_factory):
     import numpy as np
 
     from latentexplainer_plugin.cli import main
-    from latentexplainer_plugin.demo.shapes import ShapesSpec, make_dataset
+    from latentexplainer_plugin.data.shapes import ShapesSpec, make_dataset
 
     root = tmp_path_factory.mktemp("tiny-vae")
     np.savez(root / "data.npz", **make_dataset(64, ShapesSpec(size=16), seed=3))

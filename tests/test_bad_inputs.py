@@ -22,8 +22,8 @@ import torch
 
 from latentexplainer_plugin import store as store_mod
 from latentexplainer_plugin.cli import main
-from latentexplainer_plugin.demo.model import ConvVAE, ConvVAEConfig
-from latentexplainer_plugin.demo.shapes import ShapesSpec, make_dataset
+from latentexplainer_plugin.models.conv_vae import ConvVAE, ConvVAEConfig
+from latentexplainer_plugin.data.shapes import ShapesSpec, make_dataset
 from latentexplainer_plugin.plugins import registry
 from latentexplainer_plugin.safe_load import LoadError, load_safetensors, load_weights
 from latentexplainer_plugin.store import RESULTS, RunStore, read_results
@@ -538,7 +538,7 @@ def test_parameter_count_on_the_meta_device_matches_a_real_model():
 ])
 def test_absurd_vae_configs_are_refused_before_the_model_is_built(p, tmp_path, monkeypatch, change, message):
     from latentexplainer_plugin.adapters.vae import load_vae
-    from latentexplainer_plugin.demo import model as model_mod
+    from latentexplainer_plugin.models import conv_vae as model_mod
 
     shutil.copytree(p.model, tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())

@@ -76,7 +76,7 @@ def linear():
 def vae():
     """The shipped demo VAE when its weights are present, else a tiny untrained ConvVAE."""
     from latentexplainer_plugin.demo import WEIGHTS_DIR, load_demo_model
-    from latentexplainer_plugin.demo.model import ConvVAE, ConvVAEConfig
+    from latentexplainer_plugin.models.conv_vae import ConvVAE, ConvVAEConfig
 
     if (WEIGHTS_DIR / "model.safetensors").is_file():
         return load_demo_model()

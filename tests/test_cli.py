@@ -170,7 +170,7 @@ def test_huge_integers_are_refused_with_the_allowed_range(tmp_path, capsys, argv
 
 
 def test_train_vae_out_that_is_a_file_is_refused_before_training(tiny_model, tmp_path, capsys, monkeypatch):
-    from latentexplainer_plugin.demo import train
+    from latentexplainer_plugin.models import training as train
 
     monkeypatch.setattr(train, "train_vae", lambda *a, **k: pytest.fail("training started"))
     target = tmp_path / "model.txt"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from latentexplainer_plugin.cli import main
-from latentexplainer_plugin.demo.shapes import AREA_MATCH, FACTOR_NAMES, ShapesSpec, _inside, make_dataset
+from latentexplainer_plugin.data.shapes import AREA_MATCH, FACTOR_NAMES, ShapesSpec, _inside, make_dataset
 from latentexplainer_plugin.evaluation import calibration, harness
 from latentexplainer_plugin.evaluation.calibration import cross_validated_thresholds
 from latentexplainer_plugin.store import read_results
@@ -36,7 +36,7 @@ def test_area_match_equalises_every_shape():
 
 
 def test_shapes2_differs_from_the_demo_data():
-    from latentexplainer_plugin.demo import shapes2
+    from latentexplainer_plugin.data import shapes2
 
     d = shapes2.make_dataset(32, seed=1)
     assert d["images"].shape == (32, 64, 64, 3) and d["images"].dtype == np.uint8
@@ -212,7 +212,7 @@ def test_calibrate_round_trip_is_picked_up_by_explain(tmp_path, tiny, capsys):
     assert str(path) in capsys.readouterr().out
 
     from latentexplainer_plugin.attribution import LatentExplainer
-    from latentexplainer_plugin.demo.model import ConvVAE, ConvVAEConfig
+    from latentexplainer_plugin.models.conv_vae import ConvVAE, ConvVAEConfig
 
     vae = ConvVAE(ConvVAEConfig(latent_dim=2, image_size=16, width=8, hidden=16)).eval()
     info = LatentExplainer(vae, similarity="bow").describe()

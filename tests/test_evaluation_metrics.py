@@ -357,8 +357,8 @@ def _letter_embed(texts):
 
 
 def test_single_factor_data_is_reported_not_meaningful_by_the_harness(tmp_path):
-    from latentexplainer_plugin.demo.model import ConvVAE, ConvVAEConfig
-    from latentexplainer_plugin.demo.shapes import ShapesSpec, make_dataset
+    from latentexplainer_plugin.models.conv_vae import ConvVAE, ConvVAEConfig
+    from latentexplainer_plugin.data.shapes import ShapesSpec, make_dataset
     from latentexplainer_plugin.evaluation import harness
     from latentexplainer_plugin.evaluation.judge import FactorJudge
 

@@ -155,7 +155,7 @@ def demo_traversals():
     from latentexplainer_plugin.adapters.vae import VAEAdapter
     from latentexplainer_plugin.attribution import most_active_other
     from latentexplainer_plugin.demo import WEIGHTS_DIR, demo_data, load_demo_model
-    from latentexplainer_plugin.demo.train import latent_kl
+    from latentexplainer_plugin.models.training import latent_kl
 
     if not (WEIGHTS_DIR / "model.safetensors").exists():
         pytest.skip("demo weights not built")

@@ -29,7 +29,7 @@ from latentexplainer_plugin.attribution import LatentExplainer
 from latentexplainer_plugin.backends.base import Backend
 from latentexplainer_plugin.backends.offline import OfflineBackend
 from latentexplainer_plugin.cli import EXIT_INTERRUPTED, main
-from latentexplainer_plugin.demo.shapes import ShapesSpec, make_dataset
+from latentexplainer_plugin.data.shapes import ShapesSpec, make_dataset
 from latentexplainer_plugin.results import LatentResult
 from latentexplainer_plugin.run import _runs_latents_concurrently, explain_to_dir
 from latentexplainer_plugin.store import LOCK, RESULTS, RunStore, RunStoreError, read_results

@@ -301,7 +301,7 @@ def test_make_data_refuses_a_link_at_its_file(out_arg, tmp_path, capsys):
 def test_make_data_still_writes_the_npz_numpy_would_have_written(tmp_path, capsys):
     import numpy as np
 
-    from latentexplainer_plugin.demo.shapes import make_dataset
+    from latentexplainer_plugin.data.shapes import make_dataset
 
     assert main(["make-data", "--out", str(tmp_path / "d"), "--n", "3", "--seed", "4"]) == 0
     assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'd.npz'} (3 images)"
@@ -331,8 +331,8 @@ def _letter_embed(texts):
 @pytest.fixture(scope="module")
 def evaluated_run(tmp_path_factory):
     """A small explained and evaluated run (random VAE, offline backend): its folder, model, data and evaluation."""
-    from latentexplainer_plugin.demo.model import ConvVAE, ConvVAEConfig
-    from latentexplainer_plugin.demo.shapes import ShapesSpec, make_dataset
+    from latentexplainer_plugin.models.conv_vae import ConvVAE, ConvVAEConfig
+    from latentexplainer_plugin.data.shapes import ShapesSpec, make_dataset
     from latentexplainer_plugin.evaluation import harness
     from latentexplainer_plugin.evaluation.judge import FactorJudge
 

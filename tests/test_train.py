@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from latentexplainer_plugin.cli import main
-from latentexplainer_plugin.demo import train as train_mod
-from latentexplainer_plugin.demo.model import ConvVAEConfig
-from latentexplainer_plugin.demo.shapes import AREA_MATCH, FACTOR_NAMES, ShapesSpec
-from latentexplainer_plugin.demo.shapes3 import SHAPES3, make_dataset, render
-from latentexplainer_plugin.demo.train import (
+from latentexplainer_plugin.models import training as train_mod
+from latentexplainer_plugin.models.conv_vae import ConvVAEConfig
+from latentexplainer_plugin.data.shapes import AREA_MATCH, FACTOR_NAMES, ShapesSpec
+from latentexplainer_plugin.data.shapes3 import SHAPES3, make_dataset, render
+from latentexplainer_plugin.models.training import (
     TrainConfig,
     beta_from_normalized,
     capacity_at,
@@ -321,8 +321,8 @@ def test_training_restores_the_callers_thread_count():
     import numpy as np
     import torch
 
-    from latentexplainer_plugin.demo.model import ConvVAEConfig
-    from latentexplainer_plugin.demo.train import TrainConfig, train_vae
+    from latentexplainer_plugin.models.conv_vae import ConvVAEConfig
+    from latentexplainer_plugin.models.training import TrainConfig, train_vae
 
     before = torch.get_num_threads()
     images = np.zeros((8, 16, 16, 3), dtype=np.uint8)

@@ -65,7 +65,7 @@ def load_vae(path: str | Path, device: str = "cpu", allow_pickle: bool = False) 
         return model.to(device).eval()
     from dataclasses import fields
 
-    from ..demo.model import ConvVAE, ConvVAEConfig
+    from ..models.conv_vae import ConvVAE, ConvVAEConfig
 
     if config.get("model_type", "conv-vae") == "conv-vae":
         check_config_sizes(config, CONV_VAE_LIMITS, path / "config.json")

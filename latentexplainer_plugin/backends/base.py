@@ -6,16 +6,7 @@ from abc import ABC, abstractmethod
 from typing import Callable, ClassVar
 
 from ..types import Prompt, Response, Traversal
-
-
-class BackendError(RuntimeError):
-    """A backend could not produce any answer (bad configuration, unreachable server, ...)."""
-
-
-class FatalBackendError(BackendError):
-    """An error that every further request would repeat (bad key, wrong URL or model, a request the
-    server always rejects): ``explain_many`` raises it instead of recording it per latent, so the
-    run stops at once (the CLI exits with code 2; finished latents are kept)."""
+from ..errors import BackendError, FatalBackendError  # noqa: F401 (re-exported)
 
 
 class Backend(ABC):

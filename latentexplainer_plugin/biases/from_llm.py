@@ -31,6 +31,7 @@ import torch
 from ..backends.base import Backend, BackendError
 from ..types import Prompt, Traversal
 from .base import InductiveBias
+from ..errors import TemplateError  # noqa: F401 (re-exported)
 
 __all__ = ["prompt_from_llm", "meta_prompt", "check_template", "TemplateError", "PromptFromLLMWarning",
            "MAX_TEMPLATE_CHARS", "KNOWN_PLACEHOLDERS"]
@@ -44,10 +45,6 @@ _ALWAYS_REQUIRED = ("latent",)
 _LEAD_IN = re.compile(r"^(?:here(?:\s+is|'s|’s)\s+(?:the|my|a|your)?\s*)?(?:new\s+)?(?:prompt(?:\s+template)?|template)\s*[:\-–—]\s*", re.I)
 
 SYSTEM = "You write prompts for a multimodal model that explains images. Answer with the prompt only."
-
-
-class TemplateError(ValueError):
-    """A template written by the LLM that cannot be used (the message says why)."""
 
 
 class PromptFromLLMWarning(UserWarning):

@@ -12,7 +12,7 @@ DEMO_EVAL_SEED = 1  # held-out images for KL and factor scores
 
 def load_demo_model(device: str = "cpu"):
     """The shipped demo VAE (10 latents, 64x64 shapes)."""
-    from .model import ConvVAE
+    from ..models.conv_vae import ConvVAE
 
     if not (WEIGHTS_DIR / "model.safetensors").is_file():
         raise FileNotFoundError(f"demo weights are missing from {WEIGHTS_DIR}; run `latentexplainer train-demo`")
@@ -21,6 +21,6 @@ def load_demo_model(device: str = "cpu"):
 
 def demo_data(n: int = 2000, seed: int = DEMO_EVAL_SEED) -> dict:
     """Held-out demo images with their factors (the ``train-vae`` npz layout)."""
-    from .shapes import make_dataset
+    from ..data.shapes import make_dataset
 
     return make_dataset(n, seed=seed)

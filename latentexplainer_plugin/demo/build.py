@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from . import DEMO_SEED, DEMO_TRAIN_SIZE, demo_data
-from .model import ConvVAEConfig
-from .shapes import make_dataset
-from .train import TrainConfig, train_vae
+from ..models.conv_vae import ConvVAEConfig
+from ..data.shapes import make_dataset
+from ..models.training import TrainConfig, train_vae
 
 DEMO_MODEL = ConvVAEConfig(latent_dim=10, image_size=64, channels=3)
 DEMO_TRAIN = TrainConfig(steps=10000, batch_size=128, lr=1e-3, beta=6.0, seed=DEMO_SEED, threads=1)  # 1 thread: bitwise reproducible anywhere

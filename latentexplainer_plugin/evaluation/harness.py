@@ -432,7 +432,7 @@ def evaluate_run(run_dir: str | Path, model: Any, data: dict[str, Any], *, data_
 
 
 def _disentanglement(model: Any, data: dict[str, Any]) -> dict[str, Any]:
-    from ..demo.train import encode_means
+    from ..models.training import encode_means
 
     return disentanglement_report(encode_means(model, data["images"]), data["factors"], data["factor_names"])
 

@@ -1,8 +1,8 @@
 """Words for ground-truth factors: descriptions the factor judge compares explanations with, and
 reference sentences the reference metrics (BLEU, ROUGE-L, CIDEr-D, ...) score explanations against.
 
-Both are written for the factors of the procedural shapes datasets (``demo.shapes`` and
-``demo.shapes2``: shape, x_position, y_position, scale, rotation, hue, background). A factor
+Both are written for the factors of the procedural shapes datasets (``data.shapes`` and
+``data.shapes2``: shape, x_position, y_position, scale, rotation, hue, background). A factor
 name without an entry falls back to its name as text (``"light_angle"`` -> ``"the light angle
 changes"``), so any ``factors``/``factor_names`` npz can be evaluated, with a weaker judge.
 

@@ -9,14 +9,7 @@ import torch
 from torch import nn
 
 from ..types import Edit, Site
-
-
-class SiteError(ValueError):
-    """A module path that is not in the model; the message names the closest valid paths."""
-
-
-class EditError(ValueError):
-    """An edit that does not fit the activation it is applied to (shape, index, NaN/inf)."""
+from ..errors import SiteError, EditError  # noqa: F401 (re-exported)
 
 
 def module_paths(model: nn.Module) -> list[str]:

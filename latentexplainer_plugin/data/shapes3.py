@@ -2,11 +2,11 @@
 
 ``train-vae``'s defaults were chosen before this data existed; it checks that they generalise.
 Same seven ground-truth factors, in the same order and with the same names as the demo
-(:data:`~latentexplainer_plugin.demo.shapes.FACTOR_NAMES`), rendered by the demo renderer from
+(:data:`~latentexplainer_plugin.data.shapes.FACTOR_NAMES`), rendered by the demo renderer from
 the spec below; everything else differs from both ``shapes`` and ``shapes2``:
 
 * shapes: ellipse, cross and triangle (a mix neither other dataset draws), area-matched by
-  :data:`~latentexplainer_plugin.demo.shapes.AREA_MATCH`;
+  :data:`~latentexplainer_plugin.data.shapes.AREA_MATCH`;
 * background: a cool blue tint and a vertical gradient that is darker at the top (shapes2: warm,
   brighter at the top; demo: flat grey);
 * object colour: pastel, saturation 0.6 and value 0.85, hue from orange to blue;

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .safe_load import LoadError
+from ..safe_load import LoadError
 
 
 def load_npz(path: str | Path, need_factors: bool = False) -> dict[str, Any]:

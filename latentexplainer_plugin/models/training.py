@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import ConvVAE, ConvVAEConfig
+from .conv_vae import ConvVAE, ConvVAEConfig
 
 KL_ESTIMATORS = ("sampled", "analytic")
 

@@ -2,11 +2,11 @@
 on a model that was not tuned with the demo in mind.
 
 Same seven ground-truth factors, in the same order and with the same names as the demo
-(:data:`~latentexplainer_plugin.demo.shapes.FACTOR_NAMES`), so one set of factor descriptions
+(:data:`~latentexplainer_plugin.data.shapes.FACTOR_NAMES`), so one set of factor descriptions
 serves both; everything else differs:
 
 * shapes: diamond, cross and ring (the demo draws square, ellipse and triangle), area-matched by
-  :data:`~latentexplainer_plugin.demo.shapes.AREA_MATCH`;
+  :data:`~latentexplainer_plugin.data.shapes.AREA_MATCH`;
 * background: a warm-tinted vertical gradient (brighter at the top) whose overall brightness is
   the ``background`` factor, instead of a uniform grey;
 * object colour: saturation 0.75 and value 0.95 (demo: 0.9 and 1.0), hue from green to pink

@@ -1,0 +1,79 @@
+"""Every error the library raises on purpose derives from :class:`LatentExplainerError`.
+
+Each class also keeps the built-in base that callers caught before (``ValueError`` for bad
+input, ``RuntimeError`` for a backend or run directory that cannot be used, ``OSError`` for an
+unsafe path), so ``except ValueError`` keeps working. Messages speak in library words (argument
+and option names); the command line maps them to its flags.
+"""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+
+class LatentExplainerError(Exception):
+    """Base of every error raised by latentexplainer_plugin on purpose (not a bug)."""
+
+
+class UsageError(LatentExplainerError):
+    """Bad command-line input, found before any expensive work."""
+
+
+class OptionError(LatentExplainerError, ValueError):
+    """An option that no selected component declares, or a value its declaration refuses."""
+
+
+class UnknownComponentError(LatentExplainerError, ValueError):
+    """A name that no plugin registered; the message lists the registered names."""
+
+
+class PluginError(LatentExplainerError, ValueError):
+    """A third-party plugin's factory failed; the message names the plugin and its distribution."""
+
+
+class SiteError(LatentExplainerError, ValueError):
+    """A module path that is not in the model; the message names the closest valid paths."""
+
+
+class EditError(LatentExplainerError, ValueError):
+    """An edit that does not fit the activation it is applied to (shape, index, NaN/inf)."""
+
+
+class NonFiniteImagesError(LatentExplainerError, ValueError):
+    """The traversal images contain NaN or inf (NaN weights, or strengths too large for the model)."""
+
+
+class TemplateError(LatentExplainerError, ValueError):
+    """A template written by the LLM that cannot be used (the message says why)."""
+
+
+class LoadError(LatentExplainerError, ValueError):
+    """A model, weights or data file could not be read; the message says which and why."""
+
+
+class BackendError(LatentExplainerError, RuntimeError):
+    """A backend could not produce any answer (bad configuration, unreachable server, ...)."""
+
+
+class FatalBackendError(BackendError):
+    """An error that every further request would repeat (bad key, wrong URL or model, a request the
+    server always rejects): ``explain_many`` raises it instead of recording it per latent, so the
+    run stops at once (the CLI exits with code 2; finished latents are kept)."""
+
+
+class RunStoreError(LatentExplainerError, RuntimeError):
+    """The run directory cannot be used (locked, settings differ, not writable, disk full)."""
+
+
+class UnsafePathError(LatentExplainerError, OSError):
+    """A link or a special file stands where the project writes (or reads back) its own file."""
+
+    def __init__(self, path: str | Path, what: str):
+        message = (f"{path} is {what}, not a regular file; refusing to write or read through it. "
+                   "Remove it (or choose another output or cache directory) and run again")
+        OSError.__init__(self, errno.ELOOP if what == "a symbolic link" else errno.EINVAL, message)
+        self.filename = str(path)
+
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno N]" prefix
+        return str(self.strerror)
