@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -79,7 +79,7 @@ class LatentExplainer:
         if self.bias is None:
             self.bias = get_bias(self.adapter.default_bias)
         self.samples, self.threshold, self.seed = samples, threshold, seed
-        from .evaluation.calibration import resolve_threshold  # light: json and paths only
+        from .uncertainty.thresholds import resolve_threshold  # light: json and paths only
 
         self.resolved_threshold, self.resolved_threshold_source = resolve_threshold(
             threshold, self.backend.name, self.similarity.name, self.similarity.default_threshold)
@@ -112,17 +112,17 @@ class LatentExplainer:
             )
         return inputs
 
-    def attribute(self, inputs: torch.Tensor | None = None, target: Target = None, *,
-                  on_result: Callable[[LatentResult], None] | None = None, skip: Sequence[int] = ()) -> ExplanationResults:
-        """Explain each target latent; ``inputs`` are base latents (n, D), sampled from ``seed`` when None.
+    def attribute(self, inputs: torch.Tensor | None = None, target: Target = None) -> ExplanationResults:
+        """Explain each target latent; ``inputs`` are base latents (n, D), sampled from ``seed`` when None."""
+        return ExplanationResults(list(self.iter_results(inputs, target)), info=self.describe())
 
-        ``on_result`` is called with each finished latent (the run store writes it at once);
-        latents in ``skip`` are not computed (a resumed run already has them).
-        """
+    def iter_results(self, inputs: torch.Tensor | None = None, target: Target = None,
+                     skip: Sequence[int] = ()) -> Iterator[LatentResult]:
+        """:meth:`attribute`, one :class:`LatentResult` at a time as each latent finishes (so a caller
+        can save it at once); latents in ``skip`` are not computed."""
         targets = self.resolve_targets(target)
         bases = self._bases(inputs)
         todo = [t for t in targets if t not in set(skip)]
-        out: list[LatentResult] = []
         for start in range(0, len(todo), self.chunk_size):
             chunk = todo[start : start + self.chunk_size]
             t0 = time.perf_counter()
@@ -143,10 +143,7 @@ class LatentExplainer:
                 answer = prep_error if prep_error is not None else next(answers)
                 result = self._select(index, traversal, answer)
                 result.timing = {"traverse_s": t_traverse, "explain_s": t_explain} | result.timing
-                out.append(result)
-                if on_result is not None:
-                    on_result(result)
-        return ExplanationResults(out, info=self.describe())
+                yield result
 
     def _select(self, index: int, traversal: Any, answer: Any) -> LatentResult:
         lid = self.adapter.latent_id(index)

@@ -24,3 +24,17 @@ def check_device(device: str, flag: str = "device") -> str:
     if dev.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"{flag} {device!r}: supported device types are cpu, cuda and mps")
     return str(device)
+
+
+#: Accepted dtype names (and aliases) -> torch dtype attribute names; one table for every component.
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def dtype_name(dtype: object) -> str:
+    """The canonical name (float32, float16, bfloat16) of a dtype name, alias or torch dtype;
+    anything else raises ValueError listing the accepted names."""
+    name = DTYPES.get(str(dtype).strip().lower().removeprefix("torch."))
+    if name is None:
+        raise ValueError(f"must be one of float32, float16, bfloat16 (or fp32, fp16, bf16), got {str(dtype)!r}")
+    return name

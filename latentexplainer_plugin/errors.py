@@ -21,7 +21,27 @@ class UsageError(LatentExplainerError):
 
 
 class OptionError(LatentExplainerError, ValueError):
-    """An option that no selected component declares, or a value its declaration refuses."""
+    """Options a component refuses: ``problems`` is a list of ``(option, message)``.
+
+    A message either follows the option's name ("must be >= 1, got 0") or is a whole sentence
+    that names the option through ``{flag}`` ("... choose another variable with {flag}NAME").
+    :meth:`render` writes it in library words (``steps``, ``api_key_env=``); the command line
+    passes its own ``name_of`` to speak of flags (``--steps``, ``--api-key-env ``).
+    """
+
+    def __init__(self, owner: str, problems: list[tuple[str, str]]):
+        self.owner, self.problems = owner, list(problems)
+        super().__init__(self.render())
+
+    def render(self, name_of=None, with_owner: bool = True) -> str:
+        parts = []
+        for option, message in self.problems:
+            if "{flag}" in message:
+                parts.append(message.replace("{flag}", name_of(option, True) if name_of else f"{option} "))
+            else:
+                parts.append(f"{name_of(option, False) if name_of else option} {message}")
+        text = "; ".join(parts)
+        return f"{self.owner}: {text}" if with_owner and self.owner else text
 
 
 class UnknownComponentError(LatentExplainerError, ValueError):

@@ -30,7 +30,17 @@ def latentexplainer_register_biases(register: Register) -> None:
 
 @hookspec
 def latentexplainer_register_direction_finders(register: Register) -> None:
-    """Register direction finders: ``register(name, factory)``; ``factory(**options)`` returns a finder."""
+    """Register direction finders: ``register(name, finder)``; ``finder(adapter, *, seed, data, **options)`` returns Directions."""
+
+
+@hookspec
+def latentexplainer_register_edit_rules(register: Register) -> None:
+    """Register edit rules: ``register(name, rule)``; ``rule(activation, edit)`` returns the edited activation (same shape)."""
+
+
+@hookspec(firstresult=True)
+def latentexplainer_adapter_for(model: Any) -> str | None:
+    """Return the name of the adapter for ``model`` (a path, hub id or ``file.py:factory``) if this plugin recognises it, else None."""
 
 
 @hookspec(firstresult=True)
@@ -41,8 +51,3 @@ def latentexplainer_default_site(model: Any) -> Any:
 @hookspec
 def latentexplainer_latent_captured(site: Any, call: int, activation: Any) -> None:
     """Observe every captured latent (``activation`` is a detached tensor; ``call`` counts site calls)."""
-
-
-@hookspec(firstresult=True)
-def latentexplainer_edit(activation: Any, edit: Any) -> Any:
-    """Return the edited activation for ``edit.rule`` if this plugin implements that rule, else None."""

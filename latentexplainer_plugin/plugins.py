@@ -34,10 +34,11 @@ DEFAULT_PLUGINS = (
     "latentexplainer_plugin.default_plugins.biases",
     "latentexplainer_plugin.default_plugins.directions",
     "latentexplainer_plugin.default_plugins.sites",
+    "latentexplainer_plugin.default_plugins.detection",
     "latentexplainer_plugin.default_plugins.edits",
 )
 BUILTIN_DISTRIBUTION = "latentexplainer-plugin"
-KINDS = ("adapters", "backends", "biases", "direction_finders")
+KINDS = ("adapters", "backends", "biases", "direction_finders", "edit_rules")
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,7 @@ def _collect(pm: pluggy.PluginManager, kind: str) -> Registry:
 
 
 def registry(kind: str) -> Registry:
-    """The registry of one kind: ``adapters``, ``backends``, ``biases`` or ``direction_finders``."""
+    """The registry of one kind: ``adapters``, ``backends``, ``biases``, ``direction_finders`` or ``edit_rules``."""
     global _registries
     if kind not in KINDS:
         raise ValueError(f"unknown registry {kind!r}; kinds: {', '.join(KINDS)}")

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .adapters.base import Adapter
+from .options import capabilities_of
 from .results import ExplanationResults
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
@@ -112,35 +113,26 @@ class LatentScore(nn.Module):
       which captum expands along with the inputs).
     * Diffusion (``ddpm``): the strengths alpha (B, K) of the adapter's K h-space directions; the
       base noises travel as ``additional_forward_args``. Gradients flow through every sampling step.
-    * Any other adapter that implements ``latent_coordinates(bases) -> (inputs, extra, baselines)``
-      and a differentiable ``images_at(inputs, *extra) -> images``.
+
+    Adapters say what their latents are by implementing ``latent_coordinates(bases, alpha) ->
+    (inputs, extra, baselines)`` and a differentiable ``images_at(inputs, *extra) -> images``;
+    any adapter that does can be ranked.
     """
 
     def __init__(self, adapter: Adapter, score: str | ScoreFn | None = "mean", alpha: float = 1.0):
         super().__init__()
-        from .adapters.vae import VAEAdapter
-
         self.score_fn, self.score_name = resolve_score(score)
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha)):
             raise ValueError(f"alpha must be a finite number, got {alpha!r}")
         self.alpha = float(alpha)
         self._adapter = (adapter,)  # a tuple keeps the adapter out of the module tree
         self.image_output = nn.Identity()  # the generated image as a "layer" (for captum layer methods)
-        if isinstance(adapter, VAEAdapter):
-            self.kind = "vae"
-            self.generator = adapter.driver
-        elif _is_ddpm(adapter):
-            self.kind = "ddpm"
-            self.generator = adapter.driver
-        elif callable(getattr(adapter, "latent_coordinates", None)) and callable(getattr(adapter, "images_at", None)):
-            self.kind = "custom"
-        else:
+        if not (callable(getattr(adapter, "latent_coordinates", None)) and callable(getattr(adapter, "images_at", None))):
             raise TypeError(
-                f"cannot attribute to the latents of a {type(adapter).__name__}: the adapter must be a VAEAdapter, a "
-                f"DDPMAdapter, or implement latent_coordinates(bases) and a differentiable images_at(inputs, *extra) "
-                f"(see VAEAdapter in latentexplainer_plugin/ranking.py's LatentScore for the reference)"
+                f"cannot attribute to the latents of a {type(adapter).__name__}: the adapter must implement "
+                f"latent_coordinates(bases, alpha) and a differentiable images_at(inputs, *extra) "
+                f"(VAEAdapter and DDPMAdapter are reference implementations)"
             )
-        self._direct: bool | None = None
 
     @property
     def adapter(self) -> Adapter:
@@ -153,53 +145,11 @@ class LatentScore(nn.Module):
     # 1. the point to attribute at, what travels with it, and the reference point
     def prepare(self, bases: torch.Tensor) -> tuple[torch.Tensor, tuple[Any, ...] | None, torch.Tensor]:
         """``(inputs, additional_forward_args, baselines)`` for base latents / noises ``bases``."""
-        a = self.adapter
-        if self.kind == "custom":
-            inputs, extra, baselines = a.latent_coordinates(bases)
-            return inputs, extra, baselines
-        bases = a._check_bases(bases)
-        if self.kind == "vae":
-            bases = bases.to(a.device)
-            from .hooks import capture
-
-            with torch.no_grad():
-                act = capture(a.driver, a.site, bases, observe=False)[0].flatten(1).float()
-            self._direct = act.shape == bases.shape and torch.allclose(act, bases)
-            if self._direct:  # the site holds z itself: attribute to z, no nnsight needed
-                return bases.clone(), None, torch.zeros_like(bases)
-            return act, (bases, act), torch.zeros_like(act)
-        # ddpm: alpha for every direction, base noises alongside; baseline alpha = 0 (no edit)
-        if a.n_latents == 0:
-            raise ValueError("the ddpm adapter has no directions: call adapter.set_directions(...) before ranking")
-        alphas = torch.full((len(bases), a.n_latents), self.alpha, device=a.device)
-        return alphas, (bases.to(a.device, a.dtype),), torch.zeros_like(alphas)
+        return self.adapter.latent_coordinates(bases, alpha=self.alpha)
 
     # 2. latents -> images, differentiable
     def images(self, inputs: torch.Tensor, *extra: Any) -> torch.Tensor:
-        a = self.adapter
-        if self.kind == "custom":
-            return a.images_at(inputs, *extra)
-        from .hooks import run_with_edit
-        from .types import Edit
-
-        if self.kind == "vae":
-            lo, hi = a.output_range
-            if not extra:  # decoder.input: z itself
-                out = a.driver(inputs)
-            else:  # replace the site activation with ``inputs``: act0 + 1 * (inputs - act0)
-                bases, act0 = extra
-                shape = (len(inputs), *a._site_features(bases))
-                edit = Edit("add", torch.ones(len(inputs), device=inputs.device), direction=(inputs - act0).view(shape))
-                out = run_with_edit(a.driver, a.site, edit, bases, expected_shape=shape)
-            return (out.float() - lo) / (hi - lo)
-        # ddpm: h <- h + sum_k alpha_k s_k v_k on the edited steps (Kwon et al. 2023, as in DDPMAdapter)
-        (noises,) = extra
-        vectors = (a.directions * a.scales().view(-1, *([1] * (a.directions.ndim - 1)))).to(inputs.device)
-        direction = torch.einsum("bk,k...->b...", inputs.to(vectors.dtype), vectors).to(a.dtype)
-        expected = (len(noises), *a.h_shape(tuple(noises.shape[1:])))
-        edit = Edit("add", torch.ones(len(noises), device=noises.device), direction=direction, calls=a.edit_calls)
-        x = run_with_edit(a.driver, a.site, edit, noises, calls=a.n_calls, expected_shape=expected)
-        return (x.float() + 1.0) / 2.0
+        return self.adapter.images_at(inputs, *extra)
 
     # 3. images -> score
     def forward(self, inputs: torch.Tensor, *extra: Any) -> torch.Tensor:
@@ -215,14 +165,6 @@ class LatentScore(nn.Module):
                 f"shape ({len(images)},); it returned {tuple(score.shape)}"
             )
         return score
-
-
-def _is_ddpm(adapter: Any) -> bool:
-    try:
-        from .adapters.diffusion import DDPMAdapter
-    except ImportError:
-        return False
-    return isinstance(adapter, DDPMAdapter)
 
 
 # -- captum methods by name ----------------------------------------------------------------------
@@ -414,7 +356,7 @@ class RankedLatents:
 
     def plot(self, ax: Any = None) -> Any:
         """A bar chart of mean |attribution| in rank order (matplotlib Figure, no pyplot)."""
-        from .report.figures import ranking_figure
+        from .plots import ranking_figure
 
         return ranking_figure(self, ax=ax)
 
@@ -489,7 +431,7 @@ def rank_latents(adapter: Any, score: str | ScoreFn | None = "mean", method: Any
     ids = [adapter.latent_id(i) for i in range(n)]
     info = {"n_inputs": int(len(x)), "seconds": round(time.perf_counter() - started, 4),
             "method_kwargs": {k: v for k, v in method_kwargs.items() if isinstance(v, (int, float, str, bool))}}
-    if forward.kind == "ddpm":
+    if "directions" in capabilities_of(adapter):
         info["alpha"] = forward.alpha
     return RankedLatents(ids, out.detach().reshape(len(x), -1)[:, :n], method_name(attribution), forward.score_name,
                          delta=delta, info=info)
@@ -523,17 +465,12 @@ class RankThenExplain:
                             seed=self.explainer.seed, alpha=self.alpha, **method_kwargs)
 
     def attribute(self, inputs: torch.Tensor | None = None, top_k: int | None = 3, *, n_bases: int = 8,
-                  on_result: Callable[[Any], None] | None = None, **method_kwargs: Any) -> ExplanationResults:
+                  **method_kwargs: Any) -> ExplanationResults:
         """Rank every latent, explain the ``top_k`` most important (all when None), in rank order."""
         ranking = self.rank(inputs, n_bases=n_bases, **method_kwargs)
-        top = ranking.top(top_k)
-
-        def annotate(result: Any) -> None:
+        results = self.explainer.attribute(inputs, target=ranking.top(top_k))
+        for result in results:
             result.extras.update(ranking.extras(result.index))
-            if on_result is not None:
-                on_result(result)
-
-        results = self.explainer.attribute(inputs, target=top, on_result=annotate)
         results.ranking = ranking
         results.info["ranking"] = ranking.to_json()
         return results
@@ -553,25 +490,27 @@ def check_cli_options(rank_by: str | None, score: str | None, top_k: int | None)
         resolve_score(score)
 
 
-def cli_plan(explainer: Any, out_dir: str, rank_by: str | None, score: str | None, top_k: int | None,
-             targets: Sequence[int] | None) -> tuple[list[int] | None, Callable[[Any], dict[str, Any]], dict[str, Any]]:
-    """What ``explain``/``demo`` run: (targets in rank order, per-latent extras, results.json header keys).
+def score_attribution(traversal: Any, score: Any = None, n_steps: int = 16) -> np.ndarray | None:
+    """(H, W, C): IG of ``score`` over the image, from the traversal's first step to its last.
 
-    Without ranking flags: the given targets, heat maps (score: mean intensity), no header keys.
-    With them: rank every latent (``--rank-by``, default IntegratedGradients, of ``--score``, default
-    ``mean``), keep the ``--top-k`` among ``targets``, record attribution and rank per latent.
+    Averaged over bases and rows. None when the score has no gradient (e.g. it leaves torch).
     """
-    from .report.heatmaps import HeatmapWriter
+    from captum.attr import IntegratedGradients
 
-    heatmaps = HeatmapWriter(out_dir, score)
-    if rank_by is None and score is None:
-        return (list(targets) if targets is not None else None), heatmaps, {}
-    ranking = rank_latents(explainer.adapter, score, rank_by or "IntegratedGradients", seed=explainer.seed)
-    allowed = set(explainer.resolve_targets(targets))
-    order = [i for i in ranking.order if i in allowed]
-    order = order[:top_k] if top_k is not None else order
+    fn, _ = resolve_score(score)
+    images = traversal.images.detach().float()
+    first = images[:, :, 0].reshape(-1, *images.shape[-3:])
+    last = images[:, :, -1].reshape(-1, *images.shape[-3:])
 
-    def extras(result: Any) -> dict[str, Any]:
-        return ranking.extras(result.index) | heatmaps(result)
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        out = fn(x)
+        return out[:, 0] if out.ndim == 2 and out.shape[1] == 1 else out
 
-    return order, extras, {"ranking": ranking.to_json()}
+    try:
+        with torch.enable_grad():
+            attr = IntegratedGradients(forward).attribute(last, baselines=first, n_steps=n_steps)
+    except RuntimeError as exc:  # "element 0 of tensors does not require grad": no gradient to follow
+        if "grad" not in str(exc):
+            raise
+        return None
+    return attr.mean(0).permute(1, 2, 0).detach().cpu().numpy()

@@ -6,29 +6,10 @@ import html
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Literal
 
-from .types import Response, Traversal
+from .types import Response, Traversal, usage_of  # noqa: F401 (usage_of re-exported)
 
 SCHEMA_VERSION = 1
 Status = Literal["ok", "failed", "skipped"]
-
-
-def usage_of(responses: Iterable[Response]) -> dict[str, int]:
-    """Tokens and requests this run spent on ``responses`` (answers served from the cache cost 0).
-
-    A backend puts a request's ``usage`` on one of its answers only, so n answers from one request
-    count its prompt tokens once.
-    """
-    total = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0}
-    for r in responses:
-        meta = r.meta or {}
-        usage = meta.get("usage")
-        if meta.get("cached") or not isinstance(usage, dict):
-            continue
-        for key in total:
-            value = usage.get(key)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                total[key] += value
-    return total
 
 
 def total_usage(entries: Iterable[dict[str, Any]]) -> dict[str, int]:
@@ -146,7 +127,7 @@ class ExplanationResults:
 
     def plot(self, ax: Any = None) -> Any:
         """Certainty per latent (and attribution when ranked) as a matplotlib Figure (no pyplot)."""
-        from .report.figures import results_figure
+        from .plots import results_figure
 
         return results_figure(self, ax=ax)
 

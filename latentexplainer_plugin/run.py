@@ -3,57 +3,15 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
-
-import numpy as np
+from typing import Any
 
 from .attribution import LatentExplainer, most_active_other
 from .backends.base import FatalBackendError
+from .models.statistics import KL_ACTIVE, LatentStats, latent_stats  # noqa: F401 (re-exported)
 from .report.html import write_report
 from .results import total_usage
 from .store import RunStore, RunStoreError
-
-KL_ACTIVE = 0.05  # nats: below this a latent is treated as collapsed
-
-
-@dataclass
-class LatentStats:
-    """What is known about each latent from data: KL to the prior and the factor it captures."""
-
-    kl: np.ndarray  # (D,)
-    factors: list[Any] | None = None  # FactorMatch per latent, when the data has factors
-
-    def extras(self, index: int) -> dict[str, Any]:
-        out: dict[str, Any] = {"kl": round(float(self.kl[index]), 4), "active": bool(self.kl[index] > KL_ACTIVE)}
-        if self.factors is not None:
-            m = self.factors[index]
-            out["factor"] = {"name": m.factor, "score": round(m.score, 4), "metric": m.metric}
-        return out
-
-
-def latent_stats(model: Any, images: np.ndarray, factors: np.ndarray | None = None,
-                 factor_names: Sequence[str] | None = None) -> LatentStats:
-    """KL per latent (and captured factors when ``factors`` are given) of a VAE with ``encode``."""
-    from .data import check_images_fit
-    from .models.training import encode_means, latent_kl
-
-    config = getattr(model, "config", None)
-    check_images_fit(images, getattr(config, "image_size", None), getattr(config, "channels", None))
-    kl = latent_kl(model, images)
-    matches = None
-    if factors is not None:
-        from .evaluation.factors import captured_factors
-
-        names = list(factor_names) if factor_names is not None else [f"factor{k}" for k in range(factors.shape[1])]
-        codes = encode_means(model, images)
-        matches = captured_factors(codes, factors, names)
-        for m in matches:  # a collapsed latent captures nothing, whatever noise says
-            if kl[m.latent] <= KL_ACTIVE:
-                m.factor = None
-    return LatentStats(kl, matches)
-
 
 def _runs_latents_concurrently(backend: Any) -> bool:
     """True for backends that explain a round's latents in parallel (network backends)."""
@@ -129,7 +87,8 @@ def explain_to_dir(explainer: LatentExplainer, out_dir: str | Path, *, target: A
 
         if stats is not None and explainer.bias.rows > 1 and explainer.clamp is None:
             explainer.clamp = most_active_other(stats.kl)
-        explainer.attribute(target=targets, on_result=on_result, skip=sorted(done))
+        for result in explainer.iter_results(target=targets, skip=sorted(done)):
+            on_result(result)
         bar.close()
         store.header["elapsed_s"] = round(time.perf_counter() - started, 3)
         store.header["usage"] = _run_usage(store, explainer)

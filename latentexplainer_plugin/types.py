@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 import torch
 
@@ -38,7 +38,7 @@ class Edit:
     """How to change the activation at a site, per batch item.
 
     ``rule`` names an edit rule (built in: ``add`` = a + strength * direction, ``set`` = coordinate
-    ``index`` := strength); plugins may add others through the ``latentexplainer_edit`` hook.
+    ``index`` := strength); plugins add others through the ``latentexplainer_register_edit_rules`` hook.
     ``strengths`` has one value per batch item of the edited forward pass.
     """
 
@@ -128,3 +128,22 @@ class Explanation:
     abstentions: int = 0
     failures: int = 0
     note: str | None = None
+
+
+def usage_of(responses: Iterable[Response]) -> dict[str, int]:
+    """Tokens and requests this run spent on ``responses`` (answers served from the cache cost 0).
+
+    A backend puts a request's ``usage`` on one of its answers only, so n answers from one request
+    count its prompt tokens once.
+    """
+    total = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0}
+    for r in responses:
+        meta = r.meta or {}
+        usage = meta.get("usage")
+        if meta.get("cached") or not isinstance(usage, dict):
+            continue
+        for key in total:
+            value = usage.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                total[key] += value
+    return total

@@ -39,9 +39,24 @@ def cos_principal_angles(a, b):
     return torch.linalg.svdvals(qa.T @ qb)
 
 
-def test_finders_are_registered():
+def test_finders_are_registered(monkeypatch):
     assert {"pca", "pullback", "conditional", "axes", "given"} <= set(registry("direction_finders").names())
-    assert registry("direction_finders").get("pca").factory is pca
+    finder = registry("direction_finders").get("pca").factory
+    calls = []
+    expected = Directions(torch.ones(2, 3), {"finder": "pca"})
+    import sys
+
+    monkeypatch.setattr(sys.modules["latentexplainer_plugin.directions.pca"], "pca", lambda *a, **k: calls.append((a, k)) or expected)
+
+    class Loop:  # what the registered finder checks before it delegates: an adapter with a sampling loop
+        name, capabilities = "loop", frozenset({"sampling_loop", "directions"})
+
+    adapter = Loop()
+    assert finder(adapter, seed=7, n_directions=3, n_samples=4) is expected
+    assert calls == [((adapter,), {"n_directions": 3, "n_samples": 4, "seed": 7})]
+    Loop.capabilities = frozenset({"latent_axes"})
+    with pytest.raises(ValueError, match="needs an adapter with sampling_loop"):
+        finder(Loop(), seed=0)
 
 
 class CaptureCounter:

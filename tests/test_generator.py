@@ -156,7 +156,7 @@ def test_loading_from_code_errors_say_what_is_allowed(gen_file, tmp_path, monkey
 
 def test_cli_refuses_latent_dim_for_other_adapters_and_bad_specs(tmp_path, capsys):
     assert main(["explain", "--model", str(tmp_path), "--latent-dim", "3", "--out", str(tmp_path / "o")]) == 2
-    assert "--latent-dim is for generators in code" in capsys.readouterr().err
+    assert "--latent-dim: not used by the offline backend or the vae adapter" in capsys.readouterr().err
     assert main(["explain", "--model", f"{tmp_path / 'nope.py'}:make", "--out", str(tmp_path / "o")]) == 2
     assert "no such Python file" in capsys.readouterr().err
 

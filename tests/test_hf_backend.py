@@ -235,7 +235,7 @@ def test_cli_explain_with_hf_backend(vlm_dir, tiny_vae, tmp_path, monkeypatch, c
     "args, message",
     [
         (["--backend", "hf:"], "--backend hf:PATH_OR_ID needs a model directory or hub id"),
-        (["--dtype", "int8"], "--dtype: dtype must be one of float32, float16, bfloat16"),
+        (["--dtype", "int8"], "--dtype must be one of float32, float16, bfloat16"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
         (["--base-url", "http://127.0.0.1:9/v1"], "--base-url: not used by the hf backend"),
     ],

@@ -33,11 +33,12 @@ def latentexplainer_register_backends(register):
     register("loud", lambda arg=None, **kw: LoudOffline(**kw))
     register("offline", lambda arg=None, **kw: LoudOffline(**kw))  # clashes with the built-in
 
+def clamp(activation, edit):
+    return activation.clamp(-float(edit.strengths.abs().max()), float(edit.strengths.abs().max()))
+
 @hookimpl
-def latentexplainer_edit(activation, edit):
-    if edit.rule == "clamp":
-        return activation.clamp(-float(edit.strengths.abs().max()), float(edit.strengths.abs().max()))
-    return None
+def latentexplainer_register_edit_rules(register):
+    register("clamp", clamp)
 
 @hookimpl
 def latentexplainer_default_site(model):
@@ -83,7 +84,7 @@ def test_every_hookspec_has_a_builtin_or_is_an_observer():
     plugins.reset()
     pm = plugins.get_plugin_manager()
     specs = [n for n in dir(hookspecs) if n.startswith("latentexplainer_")]
-    assert len(specs) == 7
+    assert len(specs) == 8
     for name in specs:
         impls = getattr(pm.hook, name).get_hookimpls()
         assert impls or name == "latentexplainer_latent_captured", name

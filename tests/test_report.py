@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from latentexplainer_plugin.report.heatmaps import HeatmapWriter, change_map, safe_name, save_heatmap, score_attribution
+from latentexplainer_plugin.ranking import score_attribution
+from latentexplainer_plugin.report.heatmaps import HeatmapWriter, change_map, safe_name, save_heatmap
 from latentexplainer_plugin.report.html import render_report, write_report
 from latentexplainer_plugin.report.strips import save_strip
 from latentexplainer_plugin.results import ExplanationResults, LatentResult

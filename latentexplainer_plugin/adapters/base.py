@@ -7,6 +7,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
+from ..options import ComponentOptions
 from ..types import Traversal
 
 DEFAULT_STRENGTHS = (-3.0, -1.5, 0.0, 1.5, 3.0)  # the LatentExplainer paper's traversal values
@@ -30,6 +31,15 @@ class Adapter(ABC):
 
     name: ClassVar[str] = "adapter"
     default_bias: ClassVar[str] = "disentanglement"  # the bias used when the caller names none
+    #: The most comparison rows a traversal can have (h-space directions have no other latent to clamp: 1).
+    max_rows: ClassVar[int] = 1_000_000
+    #: Keyword options of the constructor that the command line may set (``-o KEY=VALUE``, friendly flags).
+    Options: ClassVar[type[ComponentOptions]] = ComponentOptions
+    #: What it explains: ``latent_axes`` and/or ``directions`` (then a direction finder supplies them),
+    #: ``sampling_loop`` (edits every step), ``inversion`` (can map images back to its latents).
+    capabilities: ClassVar[frozenset[str]] = frozenset({"latent_axes"})
+    #: The direction finder used when the caller names none (adapters with directions but no latent axes).
+    default_direction_finder: ClassVar[str | None] = None
 
     @property
     @abstractmethod
@@ -55,6 +65,17 @@ class Adapter(ABC):
                 f"latent index {index!r} is out of range: this model has {self.n_latents} latents (0..{self.n_latents - 1})"
             )
         return index
+
+    # Optional, for ranking latents with captum (ranking.LatentScore); adapters that support it
+    # implement both:
+    #   latent_coordinates(bases, alpha=1.0) -> (inputs (B, K), additional_forward_args or None, baselines)
+    #   images_at(inputs, *extra) -> images (B, C, H, W) in [0, 1], differentiable in ``inputs``
+    # ``alpha`` is the point along each direction for adapters that explain directions.
+
+    def latent_statistics(self, data: dict[str, Any]) -> Any:
+        """Per-latent statistics from a dataset (npz layout: images, optional factors), e.g. KL and the
+        factor each latent captures; None when this adapter cannot compute any (no encoder)."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "n_latents": self.n_latents}

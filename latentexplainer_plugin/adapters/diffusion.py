@@ -20,28 +20,36 @@ import importlib.util
 import inspect
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Annotated, Any, Optional, Sequence, Union
 
 import torch
+from pydantic import AfterValidator
 from torch import nn
 
+from pydantic import Field
+
 from ..hooks import capture, check_finite, probe_shape, resolve_module, run_with_edit
+from ..options import ComponentOptions, DtypeName, NonNegativeInt, PositiveInt, SiteName
 from ..plugins import hook
 from ..safe_load import LoadError
 from ..types import Edit, Site, Traversal
+from ..directions.find import find_directions, resolve_direction_spec  # noqa: F401 (re-exported)
+from ..directions.finders import labelled_images  # noqa: F401 (re-exported)
 from .base import Adapter, check_strengths
 
 CALIBRATION_SEED = 1_000_003  # seed of the noises that calibrate the edit scale (independent of the bases)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """``"float16"`` -> torch.float16; torch dtypes pass through; None stays None."""
+    from ..devices import dtype_name
+
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    try:
+        return getattr(torch, dtype_name(dtype))
+    except ValueError as exc:
+        raise ValueError(f"dtype {exc}") from None
 
 
 class SamplingLoop(nn.Module):
@@ -193,6 +201,32 @@ def _check_unet_class(config_path: Path) -> None:
         raise LoadError(f"{config_path} describes a {kind}{hint}; the ddpm adapter needs an unconditional UNet2DModel")
 
 
+def _edit_scale(value: Any) -> Any:
+    if value == "auto":
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"must be auto or a positive number, got {value!r}") from None
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"must be auto or a positive number, got {value!r}")
+    return number
+
+
+class DDPMOptions(ComponentOptions):
+    """Options of the ``ddpm`` adapter (and, with more, of every sampling-loop adapter)."""
+
+    steps: PositiveInt = Field(50, description="denoising steps per image")
+    t_edit: Optional[NonNegativeInt] = Field(None, description="edit h on every step with timestep t >= T (default: half the training timesteps)")
+    edit_scale: Annotated[Union[str, float], AfterValidator(_edit_scale)] = Field(
+        "auto", description="h <- h + strength * scale * v; auto: scale = std of <h, v> over 16 samples")
+    site: Optional[SiteName] = Field(None, description="latent site (default: mid_block.output, h-space)")
+    dtype: DtypeName = Field("float32", description="float32 | float16 | bfloat16: the UNet's dtype")
+    max_batch: PositiveInt = Field(64, description="images sampled together in one trace")
+    device: str = Field("cpu", description="torch device (the run's --device)")
+    allow_pickle: bool = Field(False, description="accept .bin (pickle) weights, read with weights_only=True")
+
+
 class DDPMAdapter(Adapter):
     """Explain directions in the h-space of an unconditional diffusion UNet (``UNet2DModel``).
 
@@ -211,15 +245,21 @@ class DDPMAdapter(Adapter):
     name = "ddpm"
     default_bias = "combination"  # one row per base: there is no other latent to clamp in h-space
     max_rows = 1
+    Options = DDPMOptions
+    capabilities = frozenset({"directions", "sampling_loop", "inversion"})
+    default_direction_finder = "pca"
     copies = 1  # how many times each image is in the UNet's batch (classifier-free guidance: 2)
 
     def __init__(self, model: Any, scheduler: Any = None, *, directions: Any = None, steps: int = 50,
                  t_edit: int | None = None, site: Site | str | None = None, scale: float | str = "auto",
                  max_batch: int = 64, calibration_samples: int = 16, device: str | torch.device | None = None,
-                 dtype: str | torch.dtype | None = None, model_id: str | None = None):
+                 dtype: str | torch.dtype | None = None, model_id: str | None = None, allow_pickle: bool = False,
+                 edit_scale: float | str | None = None):
+        if edit_scale is not None:  # the option's name on the command line (-o edit_scale=, --edit-scale)
+            scale = edit_scale
         if isinstance(model, (str, Path)):
             model_id = model_id or str(model)
-            model, loaded = load_ddpm(model, device=device or "cpu", dtype=dtype)
+            model, loaded = load_ddpm(model, device=device or "cpu", dtype=dtype, allow_pickle=allow_pickle)
             scheduler = scheduler or loaded
         elif hasattr(model, "unet") and hasattr(model, "scheduler") and not isinstance(model, nn.Module):
             scheduler = scheduler or model.scheduler  # a diffusers pipeline object
@@ -530,6 +570,25 @@ class DDPMAdapter(Adapter):
             out.append(x.float().cpu())
         return torch.cat(out)
 
+    def latent_coordinates(self, bases: torch.Tensor, alpha: float = 1.0) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        """For captum: the strengths alpha (B, K) of the K h-space directions, the base noises
+        alongside, baseline alpha = 0 (no edit)."""
+        bases = self._check_bases(bases)
+        if self.n_latents == 0:
+            raise ValueError(f"the {self.name} adapter has no directions: call adapter.set_directions(...) before ranking")
+        alphas = torch.full((len(bases), self.n_latents), float(alpha), device=self.device)
+        return alphas, (bases.to(self.device, self.dtype),), torch.zeros_like(alphas)
+
+    def images_at(self, alphas: torch.Tensor, noises: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] with h <- h + sum_k alpha_k s_k v_k on the edited steps (Kwon et al. 2023),
+        differentiable in ``alphas``: gradients flow through every sampling step."""
+        vectors = (self.directions * self.scales().view(-1, *([1] * (self.directions.ndim - 1)))).to(alphas.device)
+        direction = torch.einsum("bk,k...->b...", alphas.to(vectors.dtype), vectors).to(self.dtype)
+        expected = (len(noises), *self.h_shape(tuple(noises.shape[1:])))
+        edit = Edit("add", torch.ones(len(noises), device=noises.device), direction=direction, calls=self.edit_calls)
+        x = run_with_edit(self.driver, self.site, edit, noises, calls=self.n_calls, expected_shape=expected)
+        return (x.float() + 1.0) / 2.0
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name, "n_latents": self.n_latents, "model": self.model_id, "unet": type(self.unet).__name__,
@@ -537,69 +596,3 @@ class DDPMAdapter(Adapter):
             "t_edit": self.t_edit, "edited_steps": self.edit_calls.stop, "scale": self.scale,
             "directions": {k: v for k, v in self.provenance.items() if k in ("finder", "site", "timestep", "model")},
         }
-
-
-def resolve_direction_spec(spec: str) -> tuple[str, Any]:
-    """``("file", path)`` for an existing .safetensors file, else ``(name, finder)`` from the registry.
-
-    An unknown name raises ValueError listing the registered finders; ``axes`` and ``given``
-    (latent axes, vectors from Python) have no meaning for a whole h-space and are refused.
-    """
-    from ..plugins import UnknownComponentError, registry
-
-    if Path(spec).is_file():
-        return "file", Path(spec)
-    if spec in ("axes", "given"):
-        raise ValueError(f"the {spec!r} finder does not apply to h-space; use pca, pullback, conditional or a directions file")
-    try:
-        return spec, registry("direction_finders").get(spec).factory
-    except UnknownComponentError as exc:
-        raise ValueError(f"{exc} (or give the path of a directions .safetensors file)") from None
-
-
-def labelled_images(data: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Images (n, C, H, W) in [0, 1] and binary labels (n, L) from an npz in the ``train-vae`` layout.
-
-    Every factor column with exactly two distinct values is a label (its larger value is y = 1).
-    """
-    import numpy as np
-
-    if data is None or "factors" not in data:
-        raise ValueError("the conditional finder needs --data: an npz with images (N,H,W,C) uint8 and binary factors (N,K)")
-    factors = np.asarray(data["factors"])
-    names = list(data.get("factor_names") or [f"factor{k}" for k in range(factors.shape[1])])
-    keep = [k for k in range(factors.shape[1]) if len(np.unique(factors[:, k])) == 2]
-    if not keep:
-        raise ValueError("no factor in --data is binary (exactly two distinct values); the conditional finder needs binary labels")
-    labels = torch.stack([torch.as_tensor(factors[:, k] == factors[:, k].max()) for k in keep], dim=1)
-    images = torch.from_numpy(np.ascontiguousarray(data["images"])).permute(0, 3, 1, 2).float() / 255.0
-    return images, labels, [str(names[k]) for k in keep]
-
-
-def find_directions(adapter: DDPMAdapter, spec: str, n_directions: int | None = None, seed: int = 0,
-                    data: dict[str, Any] | None = None) -> Any:
-    """Directions for ``adapter`` from a finder name (``pca``, ``pullback``, ``conditional``, a plugin's) or a file.
-
-    Finders other than ``conditional`` are called as ``finder(adapter, n_directions=K, seed=S)``
-    (K defaults to 8). ``conditional`` takes labelled images from ``data`` (npz layout, see
-    :func:`labelled_images`): the images are DDIM-inverted and each binary factor gives one
-    direction, the difference of the class means of h. The directions are set on the adapter.
-    """
-    from ..directions import Directions, given
-
-    kind, finder = resolve_direction_spec(spec)
-    if n_directions is not None and (not isinstance(n_directions, int) or n_directions < 1):
-        raise ValueError(f"n_directions must be an integer >= 1, got {n_directions!r}")
-    if kind == "file":
-        found = given(finder)
-    elif kind == "conditional":
-        images, labels, names = labelled_images(data)
-        found = finder(adapter=adapter, images=images, labels=labels, label_names=names)
-        if n_directions is not None and n_directions != len(found):
-            raise ValueError(f"the conditional finder gives one direction per binary factor ({len(found)}), not {n_directions}")
-    else:
-        found = finder(adapter, n_directions=n_directions or 8, seed=seed)
-    if not isinstance(found, Directions):
-        raise TypeError(f"direction finder {spec!r} returned {type(found).__name__}, not Directions")
-    adapter.set_directions(found)
-    return found

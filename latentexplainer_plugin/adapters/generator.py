@@ -16,12 +16,15 @@ traversal is the VAE adapter's: bases z ~ N(0, I), latent i set to each strength
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from pydantic import Field
+
 from ..hooks import SiteError, resolve_module
+from ..options import ComponentOptions, PositiveInt, SiteName
 from ..plugins import hook
 from ..types import Site
 from .vae import VAEAdapter
@@ -78,12 +81,21 @@ class GeneratorAdapter(VAEAdapter):
     """
 
     name = "generator"
+    capabilities = frozenset({"latent_axes", "directions"})
+
+    class Options(ComponentOptions):
+        """Options of the ``generator`` adapter."""
+
+        site: Optional[SiteName] = Field(None, description="latent site (default: the generator's input)")
+        latent_dim: Optional[PositiveInt] = Field(None, description="latent size, when the model does not tell (no latent_dim/z_dim/nz)")
+        max_batch: PositiveInt = Field(512, description="images generated together")
+        device: str = Field("cpu", description="torch device (the run's --device)")
 
     def __init__(self, model: nn.Module | str | Path, site: Site | str | None = None, latent_dim: int | None = None,
                  latent_shape: tuple[int, ...] | None = None, output_range: Any = "auto", max_batch: int = 512,
                  device: str = "cpu"):
         if isinstance(model, (str, Path)):
-            model = load_generator(str(model))
+            model = load_generator(str(model), latent_dim=latent_dim)
         if not isinstance(model, nn.Module):
             raise TypeError(f"GeneratorAdapter needs a torch nn.Module, got {type(model).__name__}")
         if latent_shape is None:

@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch import nn
 
+from ..options import NonNegativeFloat
 from ..safe_load import LoadError
-from .diffusion import DDPMAdapter, SamplingLoop, parse_dtype
+from .diffusion import DDPMAdapter, DDPMOptions, SamplingLoop, parse_dtype
 
 
 class GuidedSamplingLoop(SamplingLoop):
@@ -76,14 +78,22 @@ class StableDiffusionAdapter(DDPMAdapter):
     """
 
     name = "sd"
+    capabilities = frozenset({"directions", "sampling_loop"})  # no inversion: it would need the VAE encoder
+
+    class Options(DDPMOptions):
+        """Options of the ``sd`` adapter."""
+
+        prompt: str = Field("a photograph", description="the prompt every image is generated from")
+        negative_prompt: str = Field("", description="what guidance steers away from")
+        guidance_scale: NonNegativeFloat = Field(7.5, description="classifier-free guidance weight (<= 1: none)")
 
     def __init__(self, model: Any, scheduler: Any = None, *, prompt: str = "a photograph", negative_prompt: str = "",
                  guidance_scale: float = 7.5, vae: nn.Module | None = None, text_encoder: nn.Module | None = None,
                  tokenizer: Any = None, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-                 model_id: str | None = None, **options: Any):
+                 model_id: str | None = None, allow_pickle: bool = False, **options: Any):
         if isinstance(model, (str, Path)):
             model_id = model_id or str(model)
-            parts = load_stable_diffusion(model, device=device or "cpu", dtype=dtype)
+            parts = load_stable_diffusion(model, device=device or "cpu", dtype=dtype, allow_pickle=allow_pickle)
             model, scheduler = parts["unet"], scheduler or parts["scheduler"]
             vae, text_encoder, tokenizer = vae or parts["vae"], text_encoder or parts["text_encoder"], tokenizer or parts["tokenizer"]
         elif not isinstance(model, nn.Module) and hasattr(model, "unet"):  # a diffusers pipeline object

@@ -10,12 +10,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
+from pydantic import Field
+
 from ..hooks import SiteError, check_finite, probe_shape, resolve_module, run_with_edit
+from ..options import ComponentOptions, PositiveInt, SiteName
 from ..plugins import hook
 from ..types import Edit, Site, Traversal
 from .base import Adapter, check_strengths
@@ -48,7 +51,7 @@ def load_vae(path: str | Path, device: str = "cpu", allow_pickle: bool = False) 
 
     path = Path(path)
     if not path.exists():
-        raise LoadError(f"model path {path} does not exist")
+        raise LoadError(f"{path}: no such directory (a VAE directory holds config.json and model.safetensors)")
     from .loading import AUTOENCODER_LIMITS, CONV_VAE_LIMITS, MAX_CONV_VAE_PARAMETERS, check_config_sizes, check_parameter_count
     from .loading import check_pickle_policy, use_safetensors
 
@@ -78,15 +81,30 @@ def load_vae(path: str | Path, device: str = "cpu", allow_pickle: bool = False) 
     return ConvVAE.from_pretrained(path, device=device, allow_pickle=allow_pickle)
 
 
+class VAEOptions(ComponentOptions):
+    """Options of the ``vae`` adapter."""
+
+    site: Optional[SiteName] = Field(None, description="latent site, e.g. decoder.input (default: per architecture)")
+    max_batch: PositiveInt = Field(512, description="images decoded together")
+    device: str = Field("cpu", description="torch device (the run's --device)")
+    allow_pickle: bool = Field(False, description="accept a pickle checkpoint (.pt/.bin) when there is no safetensors")
+
+
 class VAEAdapter(Adapter):
-    """Explain the latent dimensions of a VAE decoder (``model.decode(z)`` or ``model.decoder(z)``)."""
+    """Explain the latent dimensions of a VAE decoder (``model.decode(z)`` or ``model.decoder(z)``).
+
+    ``model`` may be a directory (``train-vae`` output or a diffusers AutoencoderKL): it is loaded
+    with :func:`load_vae` (``allow_pickle`` as there)."""
 
     name = "vae"
+    Options = VAEOptions
+    capabilities = frozenset({"latent_axes"})
 
     def __init__(self, model: nn.Module | str | Path, site: Site | str | None = None, latent_dim: int | None = None,
-                 output_range: tuple[float, float] = (0.0, 1.0), max_batch: int = 512, device: str = "cpu"):
+                 output_range: tuple[float, float] = (0.0, 1.0), max_batch: int = 512, device: str = "cpu",
+                 allow_pickle: bool = False):
         if isinstance(model, (str, Path)):
-            model = load_vae(model, device=device)
+            model = load_vae(model, device=device, allow_pickle=allow_pickle)
         if not isinstance(model, nn.Module):
             raise TypeError(f"VAEAdapter needs a torch nn.Module (or a model directory), got {type(model).__name__}")
         if not (callable(getattr(model, "decode", None)) or isinstance(getattr(model, "decoder", None), nn.Module)):
@@ -220,6 +238,41 @@ class VAEAdapter(Adapter):
                 base_latents=z[li, :, :, 0], row_labels=labels, meta={"clamped": j, "site": str(self.site)},
             ))
         return out
+
+    def latent_statistics(self, data: dict[str, Any]) -> Any:
+        """KL per latent and the factor each captures, from the encoder on ``data``'s images (None without an encoder)."""
+        if not callable(getattr(self.model, "encode", None)):
+            return None
+        from ..models.statistics import latent_stats
+
+        return latent_stats(self.model, data["images"], data.get("factors"), data.get("factor_names"))
+
+    def latent_coordinates(self, bases: torch.Tensor, alpha: float = 1.0) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        """For captum: the site activation flattened to (B, D), what travels with it, baseline 0.
+
+        With the default site ``decoder.input`` that is z itself and the decoder runs directly; at
+        any other site the activation is replaced through nnsight (the base latents travel as
+        ``additional_forward_args``, which captum expands along with the inputs)."""
+        from ..hooks import capture
+
+        bases = self._check_bases(bases).to(self.device)
+        with torch.no_grad():
+            act = capture(self.driver, self.site, bases, observe=False)[0].flatten(1).float()
+        if act.shape == bases.shape and torch.allclose(act, bases):  # the site holds z itself
+            return bases.clone(), None, torch.zeros_like(bases)
+        return act, (bases, act), torch.zeros_like(act)
+
+    def images_at(self, inputs: torch.Tensor, *extra: Any) -> torch.Tensor:
+        """Images in [0, 1] for the coordinates of :meth:`latent_coordinates`, differentiable in ``inputs``."""
+        lo, hi = self.output_range
+        if not extra:  # decoder.input: z itself
+            out = self.driver(inputs)
+        else:  # replace the site activation with ``inputs``: act0 + 1 * (inputs - act0)
+            bases, act0 = extra
+            shape = (len(inputs), *self._site_features(bases))
+            edit = Edit("add", torch.ones(len(inputs), device=inputs.device), direction=(inputs - act0).view(shape))
+            out = run_with_edit(self.driver, self.site, edit, bases, expected_shape=shape)
+        return (out.float() - lo) / (hi - lo)
 
     def describe(self) -> dict[str, Any]:
         return super().describe() | {"site": str(self.site), "model": type(self.model).__name__}

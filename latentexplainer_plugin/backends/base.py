@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
-from ..types import Prompt, Response, Traversal
 from ..errors import BackendError, FatalBackendError  # noqa: F401 (re-exported)
+from ..options import ComponentOptions
+from ..types import Prompt, Response, Traversal
 
 
 class Backend(ABC):
@@ -23,6 +24,23 @@ class Backend(ABC):
     # True when the backend draws its n samples from n different base latents of the traversal
     # (so the traversal must be built with at least n bases) instead of resampling one prompt.
     samples_from_bases: ClassVar[bool] = False
+    #: The keyword options the registered factory accepts (see :mod:`latentexplainer_plugin.options`).
+    Options: ClassVar[type[ComponentOptions]] = ComponentOptions
+    #: What it can do, as words (built from the flags above plus ``extra_capabilities``).
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+    extra_capabilities: ClassVar[frozenset[str]] = frozenset()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        flags = {"supports_images": cls.supports_images, "supports_n": cls.supports_n, "needs_key": cls.needs_key}
+        cls.capabilities = frozenset(k for k, v in flags.items() if v) | frozenset(cls.extra_capabilities)
+
+    @classmethod
+    def preflight(cls, arg: str | None, options: dict[str, Any]) -> None:
+        """Checks that need neither the model nor a request (a key is set, the server answers a
+        TCP connect, a model directory is complete); raise :class:`~latentexplainer_plugin.errors.OptionError`
+        or :class:`BackendError`. Called before anything expensive; ``options`` are the validated
+        options given (defaults not filled in)."""
 
     @abstractmethod
     def explain(self, traversal: Traversal, prompt: Prompt, n: int) -> list[Response]:

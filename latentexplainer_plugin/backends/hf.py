@@ -28,25 +28,19 @@ import io
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from ..devices import check_device
+from pydantic import Field
+
+from ..devices import DTYPES, check_device, dtype_name
+from ..errors import OptionError
+from ..options import ComponentOptions, DtypeName, NonNegativeInt, PositiveFloat, PositiveInt, UnitFloat
 from ..types import Prompt, Response, Traversal
 from .base import Backend, BackendError
 from .responses import clean_response
 
 __all__ = ["HFBackend", "DTYPES", "resolve_dtype", "check_vlm_dir", "check_hub_model"]
 
-#: Accepted ``dtype`` names (and aliases) -> torch dtype attribute names.
-DTYPES = {
-    "float32": "float32",
-    "fp32": "float32",
-    "float16": "float16",
-    "fp16": "float16",
-    "half": "float16",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-}
 _PROCESSOR_CONFIGS = ("preprocessor_config.json", "processor_config.json")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 _NO_PROCESSOR = (
@@ -66,10 +60,10 @@ def resolve_dtype(dtype: Any, device: str = "cpu") -> Any:
         if dtype in (torch.float32, torch.float16, torch.bfloat16):
             return dtype
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-    name = DTYPES.get(str(dtype).strip().lower().removeprefix("torch."))
-    if name is None:
-        raise ValueError(f"dtype must be one of float32, float16, bfloat16 (or fp32, fp16, bf16), got {dtype!r}")
-    return getattr(torch, name)
+    try:
+        return getattr(torch, dtype_name(dtype))
+    except ValueError as exc:
+        raise ValueError(f"dtype {exc}") from None
 
 
 def _finish(tokens: list[int], eos: set[int], pad: int | None, max_new_tokens: int) -> tuple[int, str]:
@@ -132,6 +126,22 @@ def _fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+class HFOptions(ComponentOptions):
+    """Options of the ``hf`` backend (``--backend hf:PATH_OR_ID``)."""
+
+    device: str = Field("cpu", description="torch device of the model (the run's --device)")
+    dtype: Optional[DtypeName] = Field(None, description="float32 | float16 | bfloat16 (default float32 on CPU, bfloat16 on CUDA)")
+    max_new_tokens: PositiveInt = Field(120, description="most tokens per answer")
+    min_new_tokens: Optional[NonNegativeInt] = Field(None, description="fewest tokens per answer")
+    temperature: PositiveFloat = Field(1.0, description="sampling temperature (the n answers are sampled)")
+    top_p: Optional[UnitFloat] = Field(None, description="nucleus sampling mass in (0, 1]")
+    max_image_side: PositiveInt = Field(448, description="prompt images are shrunk to at most this many pixels per side")
+    trust_remote_code: bool = Field(False, description="passed to from_pretrained")
+    allow_pickle: bool = Field(False, description="accept weights saved only as pickle (read with weights_only=True)")
+    cache_dir: Optional[str] = Field(None, description="response cache directory (default ~/.cache/latentexplainer/responses)")
+    no_cache: bool = Field(False, description="neither read nor write the response cache")
+
+
 class HFBackend(Backend):
     """Explains a traversal with a local ``transformers`` image-text-to-text model.
 
@@ -153,6 +163,24 @@ class HFBackend(Backend):
     supports_images = True
     supports_n = True
     needs_key = False
+    extra_capabilities = frozenset({"calls_model"})
+    Options = HFOptions
+
+    @classmethod
+    def preflight(cls, arg: str | None, options: dict[str, Any]) -> None:
+        """A complete local model directory (model, processor, no pickle unless allowed), or a hub id
+        that resolves within seconds."""
+        if not (arg or "").strip():
+            raise OptionError("the hf backend", [("backend", "hf:PATH_OR_ID needs a model directory or hub id, "
+                                                             "e.g. hf:Qwen/Qwen2.5-VL-3B-Instruct")])
+        path = Path(arg).expanduser()
+        if path.is_dir():
+            check_vlm_dir(path)
+            from ..adapters.loading import check_pickle_policy
+
+            check_pickle_policy(path, bool(options.get("allow_pickle")), "VLM")
+        elif not path.exists():
+            check_hub_model(arg)  # an unreachable hub fails here, in seconds, before any model loads
 
     def __init__(
         self,

@@ -12,7 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from pydantic import Field
 
+from ..options import ComponentOptions, NonNegativeFloat, PositiveFloat, UnitFloat
 from ..types import Prompt, Response, Traversal
 from . import measure as M
 from .base import Backend, BackendError
@@ -120,6 +122,17 @@ def structured_claims(parts: list[str], effects: dict[str, float], hues: tuple[f
     return out
 
 
+class OfflineOptions(ComponentOptions):
+    """Options of the ``offline`` measurement explainer."""
+
+    min_effect: PositiveFloat = Field(0.15, description="smallest consistent normalised effect that is named (else it abstains)")
+    secondary_ratio: UnitFloat = Field(0.6, description="a second change is named when at least this fraction of the first")
+    min_pixel_change: NonNegativeFloat = Field(0.002, description="mean frame-to-frame change below which a row is static")
+    min_contrast: NonNegativeFloat = Field(M.MIN_CONTRAST, description="colour distance from the background an object needs")
+    max_angle: PositiveFloat = Field(45.0, description="largest rotation searched, degrees")
+    angle_step: PositiveFloat = Field(3.0, description="rotation search step, degrees")
+
+
 class OfflineBackend(Backend):
     """Explains a traversal by measuring its images (see :mod:`latentexplainer_plugin.backends.measure`).
 
@@ -136,6 +149,7 @@ class OfflineBackend(Backend):
     supports_images = True
     supports_n = True
     samples_from_bases = True
+    Options = OfflineOptions
 
     def __init__(
         self,

@@ -55,11 +55,15 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
-from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
+from typing import Annotated, Any, Callable, Optional
+from urllib.parse import urlsplit
 
 import httpx
+from pydantic import AfterValidator, Field
 
+from ..errors import OptionError
+from ..options import ComponentOptions, EnvName, HttpUrl, NonNegativeFloat, NonNegativeInt, PositiveInt
+from ..redaction import redact_url, url_secrets  # noqa: F401 (re-exported)
 from ..types import Prompt, Response, Traversal
 from .base import Backend, BackendError, FatalBackendError
 from .responses import EMPTY_ERROR, clean_response
@@ -77,7 +81,6 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 _RETRY_STATUS = {408, 409, 425, 429}  # plus every 5xx
 _PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16"}
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_SECRET_QUERY = re.compile(r"key|token|secret|password|passwd|auth|sig", re.I)
 _MIN_SECRET = 4  # shorter "secrets" (a 1-letter password) would blank out ordinary text
 _REPEATS_FATAL = 2  # the same client error this many times in a row stops the run
 # A 400 about the n parameter: OpenAI's param "n", or the word n in the message ("n > 1 is not
@@ -119,39 +122,29 @@ def _finite_positive(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
-def redact_url(url: str) -> str:
-    """``url`` with its user:password (and secret-looking query values) replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "***"
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rpartition("@")[2]
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(_SECRET_QUERY.search(k) for k, _ in pairs):
-            query = "&".join(f"{k}=***" if _SECRET_QUERY.search(k) else f"{k}={v}" for k, v in pairs)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+def check_reachable(url: str, timeout: float = 5.0) -> None:
+    """Open and close a TCP connection to the server of ``url`` (no request, no key sent), so an
+    unreachable server fails before any model is loaded. Skipped when a proxy is configured."""
+    import urllib.request
 
-
-def url_secrets(url: str) -> set[str]:
-    """The secret parts of ``url`` as they may appear in text: user info (raw and decoded), secret query values."""
+    parts = urlsplit(url)
+    host = parts.hostname
     try:
-        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
-        return set()
-    found: set[str] = set()
-    if "@" in parts.netloc:
-        userinfo = parts.netloc.rpartition("@")[0]
-        found |= {userinfo, unquote(userinfo)}
-        user, _, password = userinfo.partition(":")
-        found |= {user, unquote(user), password, unquote(password)}
-    for k, v in parse_qsl(parts.query, keep_blank_values=True):
-        if _SECRET_QUERY.search(k) and v:
-            found |= {v}
-    return {s for s in found if s}
+        raise OptionError("", [("base_url", f"{redact_url(url)!r} has an invalid port")]) from None
+    if not host:
+        return
+    proxies = urllib.request.getproxies()
+    if (proxies.get(parts.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(host):
+        return  # the proxy decides what is reachable
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc) or type(exc).__name__)
+        raise OptionError("", [("base_url", f"cannot reach {parts.scheme}://{host}:{port} ({reason}): is the server running "
+                                            "and is {flag}right? (default https://api.openai.com/v1; Ollama: http://localhost:11434/v1)")]) from None
 
 
 def image_data_url(image: Any) -> str:
@@ -251,6 +244,27 @@ def _shutdown(sock: socket.socket) -> None:
         pass
 
 
+def _positive_seconds(value: float) -> float:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"must be > 0 seconds, got {value} (a finite number: the deadline of one whole request)")
+    return value
+
+
+class OpenAIOptions(ComponentOptions):
+    """Options of the ``openai`` backend (``--backend openai:MODEL``)."""
+
+    base_url: HttpUrl = Field("https://api.openai.com/v1", description="OpenAI-compatible API root (Ollama: http://localhost:11434/v1)")
+    api_key_env: EnvName = Field("OPENAI_API_KEY", description="environment variable that holds the API key")
+    timeout: Annotated[float, AfterValidator(_positive_seconds)] = Field(
+        60.0, description="deadline in seconds of one whole HTTP request, body included")
+    max_retries: NonNegativeInt = Field(4, description="retries after 429/5xx/timeouts/dropped connections")
+    concurrency: PositiveInt = Field(8, description="most requests in flight at once")
+    temperature: NonNegativeFloat = Field(1.0, description="sampling temperature sent to the server")
+    max_new_tokens: PositiveInt = Field(200, description="most tokens per answer (sent as max_tokens)")
+    cache_dir: Optional[str] = Field(None, description="response cache directory (default ~/.cache/latentexplainer/responses)")
+    no_cache: bool = Field(False, description="neither read nor write the response cache")
+
+
 class OpenAICompatBackend(Backend):
     """Explains a traversal by asking an OpenAI-compatible chat model ``n`` times.
 
@@ -282,6 +296,20 @@ class OpenAICompatBackend(Backend):
     supports_images = True
     supports_n = True
     needs_key = True
+    extra_capabilities = frozenset({"calls_model", "needs_network"})
+    Options = OpenAIOptions
+
+    @classmethod
+    def preflight(cls, arg: str | None, options: dict[str, Any]) -> None:
+        """A model name, a key in the environment, and a server that accepts a TCP connection
+        (checked last: the only check that may wait)."""
+        if not (arg or "").strip():
+            raise OptionError("the openai backend", [("backend", "openai:MODEL needs a model name, e.g. openai:gpt-4o")])
+        env = options.get("api_key_env") or "OPENAI_API_KEY"
+        if not os.environ.get(env, "").strip():
+            raise OptionError("", [("api_key_env", f"No API key: set the {env} environment variable "
+                                                   "(or choose another variable with {flag}NAME)")])
+        check_reachable(options.get("base_url") or "https://api.openai.com/v1", timeout=min(options.get("timeout") or 5.0, 10.0))
 
     def __init__(
         self,

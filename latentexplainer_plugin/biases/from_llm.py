@@ -24,14 +24,16 @@ import dataclasses
 import re
 import string
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..backends.base import Backend, BackendError
-from ..types import Prompt, Traversal
+from ..errors import BackendError, TemplateError  # noqa: F401 (TemplateError re-exported)
+from ..types import Prompt, Traversal, usage_of
 from .base import InductiveBias
-from ..errors import TemplateError  # noqa: F401 (re-exported)
+
+if TYPE_CHECKING:
+    from ..backends.base import Backend
 
 __all__ = ["prompt_from_llm", "meta_prompt", "check_template", "TemplateError", "PromptFromLLMWarning",
            "MAX_TEMPLATE_CHARS", "KNOWN_PLACEHOLDERS"]
@@ -153,13 +155,11 @@ def prompt_from_llm(bias: InductiveBias, backend: Backend, example: InductiveBia
     that cannot write text (the offline measurement explainer) and lets ``BackendError`` (bad
     key, unreachable server) through.
     """
-    from ..backends.offline import OfflineBackend
-
     if not isinstance(bias, InductiveBias):
         raise TypeError(f"bias must be an InductiveBias, got {type(bias).__name__}")
-    if isinstance(_inner(backend), OfflineBackend):
-        raise ValueError("the offline explainer measures images and cannot write a prompt; "
-                         "use a language-model backend (openai:MODEL or hf:PATH) for prompt_from_llm")
+    if "calls_model" not in getattr(_inner(backend), "capabilities", frozenset()):
+        raise ValueError(f"the {_inner(backend).name} backend calls no language model (it does not declare the "
+                         "calls_model capability), so it cannot write a prompt; use one that does (openai:MODEL, hf:PATH)")
     traversal, prompt = _text_job(meta_prompt(bias, example))
     source: dict[str, Any] = {"template_source": "llm", "template_backend": _inner(backend).name}
     try:
@@ -171,8 +171,6 @@ def prompt_from_llm(bias: InductiveBias, backend: Backend, example: InductiveBia
     else:
         error = next((r.error for r in answers if r.error), None) or "no answer"
     answer = next((r for r in answers if r.ok), None)
-    from ..results import usage_of
-
     spent = {"template_usage": usage_of(answers)}  # the request's tokens: counted in the run's total
     try:
         if answer is None:

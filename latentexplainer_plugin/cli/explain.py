@@ -1,55 +1,69 @@
-"""``latentexplainer explain`` and ``demo``: check every input, build the components, explain, write the run."""
+"""``latentexplainer explain`` and ``demo``: select the components, route and check every option,
+then load, find directions, explain and write the run.
+
+Nothing here knows a built-in component by name: what an adapter, backend, bias or direction
+finder takes and can do comes from its declarations (``Options``, ``capabilities``,
+``preflight``, ``default_bias``, ``max_rows``, ``default_direction_finder``), exactly as for a
+third-party plugin.
+"""
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
-from ..errors import UsageError
+from ..errors import OptionError, UnknownComponentError, UsageError
 from .common import _parse_floats, _parse_ints, check_device
+from .routing import Selected, flags_given, render, route, validate
 
 
-def check_reachable(url: str, timeout: float = 5.0) -> None:
-    """Open and close a TCP connection to the server of ``url`` (no request, no key sent), so an
-    unreachable server fails before any model is loaded. Skipped when a proxy is configured."""
-    import socket
-    import urllib.request
-    from urllib.parse import urlsplit
+@dataclass
+class Plan:
+    """What ``explain`` will do, decided and checked before anything expensive."""
 
-    from ..backends.openai_compat import redact_url
+    adapter: Selected
+    backend: Selected
+    backend_arg: str | None
+    bias: Selected
+    finder: Selected | None
+    finder_implied: dict[str, Any]
+    strengths: list[float] | None
+    latents: list[int] | None
+    context: dict[str, Any]
 
-    parts = urlsplit(url)
-    host = parts.hostname
+
+def _select(kind: str, registry_kind: str, name: str) -> Selected:
+    from ..plugins import registry
+
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        raise UsageError(f"--base-url {redact_url(url)!r} has an invalid port") from None
-    if not host:
-        return
-    proxies = urllib.request.getproxies()
-    if (proxies.get(parts.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(host):
-        return  # the proxy decides what is reachable
+        return Selected(kind, name, registry(registry_kind).get(name).factory)
+    except UnknownComponentError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _adapter_name(args: argparse.Namespace) -> str:
+    """``--adapter``, else the adapter a plugin recognises ``--model`` for (``latentexplainer_adapter_for``)."""
+    if getattr(args, "adapter", None):
+        return args.adapter
+    from ..plugins import hook
+
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
-    except OSError as exc:
-        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc) or type(exc).__name__)
-        raise UsageError(
-            f"cannot reach {parts.scheme}://{host}:{port} ({reason}): is the server running and is --base-url right? "
-            "(default https://api.openai.com/v1; Ollama: http://localhost:11434/v1)"
-        ) from None
+        name = hook().latentexplainer_adapter_for(model=str(args.model))
+    except ValueError as exc:  # e.g. a pipeline class no adapter explains
+        raise UsageError(f"--model {args.model}: {exc}") from None
+    if not name:
+        raise UsageError(f"--model {args.model}: no adapter recognises this model; choose one with --adapter NAME "
+                         "(latentexplainer plugins lists them)")
+    return name
 
 
-def _validate_explain(args: argparse.Namespace) -> dict[str, Any]:
-    """Everything that can be checked before loading a model or calling a backend."""
+def _check_common(args: argparse.Namespace) -> tuple[list[float] | None, list[int] | None]:
     from ..adapters.base import check_strengths
-    from ..components import parse_backend_spec
-    from ..plugins import UnknownComponentError, registry
     from ..uncertainty import get_similarity
 
     if args.samples < 1:
@@ -57,19 +71,11 @@ def _validate_explain(args: argparse.Namespace) -> dict[str, Any]:
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise UsageError(f"--threshold must be in [0, 1], got {args.threshold}")
     try:
-        name, _ = parse_backend_spec(args.backend)
-        registry("backends").get(name)
-        if args.bias is None:  # an adapter may name its own default bias (ddpm: combination)
-            factory = registry("adapters").get(args.adapter).factory if getattr(args, "adapter", None) else None
-            args.bias = getattr(factory, "default_bias", "disentanglement")
-        registry("biases").get(args.bias)
-        if getattr(args, "adapter", None):
-            registry("adapters").get(args.adapter)
         get_similarity(args.similarity)
         strengths = _parse_floats(args.strengths, "strengths")
         if strengths is not None:
             check_strengths(strengths)
-    except (UnknownComponentError, ValueError) as exc:
+    except ValueError as exc:
         raise UsageError(str(exc)) from None
     check_device(args.device)
     try:
@@ -78,84 +84,10 @@ def _validate_explain(args: argparse.Namespace) -> dict[str, Any]:
         check_cli_options(getattr(args, "rank_by", None), getattr(args, "score", None), getattr(args, "top_k", None))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    # language-model backends: every flag is checked here, before any model load or request
-    from urllib.parse import urlsplit
+    return strengths, _parse_ints(args.latents, "latents")
 
-    from ..backends.base import BackendError
-    from ..backends.hf import check_vlm_dir, resolve_dtype
-    from ..backends.openai_compat import check_env_name, redact_url
 
-    _, backend_arg = parse_backend_spec(args.backend)
-    flags = {"--base-url": args.base_url, "--api-key-env": args.api_key_env, "--concurrency": args.concurrency,
-             "--timeout": args.timeout, "--max-retries": args.max_retries,
-             "--dtype": None if getattr(args, "adapter", None) in ("ddpm", "sd") else args.dtype,  # also the UNet's dtype
-             "--max-new-tokens": args.max_new_tokens}
-    given = [flag for flag, value in flags.items() if value is not None]
-    if args.concurrency is not None and args.concurrency < 1:
-        raise UsageError(f"--concurrency must be >= 1, got {args.concurrency}")
-    if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
-        raise UsageError(f"--timeout must be > 0 seconds, got {args.timeout} (a finite number: the deadline of one whole request)")
-    if args.max_retries is not None and args.max_retries < 0:
-        raise UsageError(f"--max-retries must be >= 0, got {args.max_retries}")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.base_url is not None:
-        parts = urlsplit(args.base_url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise UsageError(f"--base-url must be an http:// or https:// URL, got {redact_url(args.base_url)!r}")
-    if args.api_key_env is not None:
-        try:
-            check_env_name(args.api_key_env)  # a key pasted here is refused without being echoed
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-    if args.dtype is not None:
-        try:
-            resolve_dtype(args.dtype)
-        except ValueError as exc:
-            raise UsageError(f"--dtype: {exc}") from None
-    cache = {"cache_dir": args.cache_dir, "no_cache": args.no_cache}
-    only = {"openai": ("--base-url", "--api-key-env", "--concurrency", "--timeout", "--max-retries"), "hf": ("--dtype",)}
-    if name == "openai":
-        if not (backend_arg or "").strip():
-            raise UsageError("--backend openai:MODEL needs a model name, e.g. openai:gpt-4o")
-        env = args.api_key_env or "OPENAI_API_KEY"
-        if not os.environ.get(env, "").strip():
-            raise UsageError(f"No API key: set the {env} environment variable (or choose another variable with --api-key-env NAME)")
-        options = {"base_url": args.base_url, "api_key_env": args.api_key_env, "concurrency": args.concurrency,
-                   "timeout": args.timeout, "max_retries": args.max_retries, "max_tokens": args.max_new_tokens} | cache
-    elif name == "hf":
-        if not (backend_arg or "").strip():
-            raise UsageError("--backend hf:PATH_OR_ID needs a model directory or hub id, e.g. hf:Qwen/Qwen2.5-VL-3B-Instruct")
-        try:
-            if Path(backend_arg).expanduser().is_dir():
-                check_vlm_dir(Path(backend_arg).expanduser())
-                from ..adapters.loading import check_pickle_policy
-
-                check_pickle_policy(Path(backend_arg).expanduser(), getattr(args, "allow_pickle", False), "VLM")
-            elif not Path(backend_arg).expanduser().exists():
-                from ..backends.hf import check_hub_model
-
-                check_hub_model(backend_arg)  # an unreachable hub fails here, in seconds, before any model loads
-        except BackendError as exc:
-            raise UsageError(str(exc)) from None
-        options = {"device": args.device, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
-                   "allow_pickle": True if getattr(args, "allow_pickle", False) else None} | cache
-    elif name == "offline":
-        if given:
-            raise UsageError(f"{', '.join(given)}: not used by the offline backend (it calls no model)")
-        if args.prompt_from_llm:
-            raise UsageError("--prompt-from-llm needs a language-model backend (openai:MODEL or hf:PATH_OR_ID)")
-        options = {}
-    else:  # a plugin's backend gets the flags that were given, under their option names
-        options = {f[2:].replace("-", "_"): flags[f] for f in given} | ({"cache_dir": args.cache_dir} if args.cache_dir else {}) \
-            | ({"no_cache": True} if args.no_cache else {})
-    wrong = [f for other, fs in only.items() if name in only and other != name for f in fs if f in given]
-    if wrong:
-        raise UsageError(f"{', '.join(wrong)}: not used by the {name} backend")
-    bias = registry("biases").get(args.bias).factory()
-    if "property" in getattr(bias, "requires", ()) and not args.property:
-        raise UsageError(f"the {args.bias!r} bias needs --property TEXT (the labelled property, e.g. --property smiling)")
-    out = Path(args.out)
+def _check_out(out: Path) -> None:
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(probe, os.W_OK):
         raise UsageError(f"--out {out}: {probe} is not writable")
@@ -163,32 +95,152 @@ def _validate_explain(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"--out {out} exists and is not a directory")
     if not probe.is_dir():
         raise UsageError(f"--out {out}: {probe} is a file, so no directory can be made under it")
-    if name == "openai":  # last: the only check that may wait (for a TCP connect)
-        check_reachable(args.base_url or "https://api.openai.com/v1", timeout=min(args.timeout or 5.0, 10.0))
-    return {"strengths": strengths, "latents": _parse_ints(args.latents, "latents"),
-            "backend_options": {k: v for k, v in options.items() if v is not None},
-            "context": {"property": args.property} if args.property else {}}
 
 
-def _explain(args: argparse.Namespace, model: Any, adapter: str | None, header: dict[str, Any], stats: Any,
-             checked: dict[str, Any], adapter_options: dict[str, Any] | None = None) -> int:
+def plan_explain(args: argparse.Namespace, adapter_name: str) -> Plan:
+    """Select the components, route the options to them and run every check that needs no model."""
+    from ..components import parse_backend_spec
+    from ..directions.find import resolve_direction_spec
+    from ..plugins import registry
+
+    strengths, latents = _check_common(args)
+    try:
+        backend_name, backend_arg = parse_backend_spec(args.backend)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    adapter = _select("adapter", "adapters", adapter_name)
+    backend = _select("backend", "backends", backend_name)
+    direction = getattr(args, "direction", None)
+    if direction is not None and "directions" not in adapter.capabilities:
+        takers = [n for n in registry("adapters").names()
+                  if "directions" in Selected("adapter", n, registry("adapters").get(n).factory).capabilities]
+        raise UsageError(f"--direction: the {adapter.name} adapter explains its latent axes, not directions; adapters that "
+                         f"explain directions: {', '.join(takers)}")
+    direction = direction or getattr(adapter.factory, "default_direction_finder", None)
+    finder, implied = None, {}
+    if direction is not None:
+        try:
+            finder_name, finder_factory, implied = resolve_direction_spec(direction)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        finder = Selected("direction finder", finder_name, finder_factory)
+    bias_name = args.bias or ("combination" if finder is not None and "latent_axes" in adapter.capabilities
+                              else getattr(adapter.factory, "default_bias", "disentanglement"))
+    args.bias = bias_name
+    bias = _select("bias", "biases", bias_name)
+    components = [c for c in (backend, adapter, finder) if c is not None]
+    route(components, flags_given(args), list(getattr(args, "options", None) or []), {"device": args.device})
+    if finder is not None:
+        finder.raw = implied | finder.raw
+    validate(components)
+
+    # what the components declare decides what else must hold
+    if getattr(args, "prompt_from_llm", False) and "calls_model" not in backend.capabilities:
+        takers = [n for n in registry("backends").names()
+                  if "calls_model" in Selected("backend", n, registry("backends").get(n).factory).capabilities]
+        raise UsageError(f"--prompt-from-llm needs a language-model backend ({', '.join(f'{n}:...' for n in takers)}); "
+                         f"the {backend.name} backend calls no model")
+    bias_object = bias.factory()
+    rows = getattr(bias_object, "rows", 1)
+    max_rows = getattr(adapter.factory, "max_rows", rows)
+    if rows > max_rows:
+        raise UsageError(f"the {bias_name!r} bias compares {rows} rows with another latent clamped; the {adapter.name} "
+                         f"adapter's directions have no other latent to clamp: use --bias combination or conditional")
+    if "property" in getattr(bias_object, "requires", ()) and not args.property:
+        raise UsageError(f"the {bias_name!r} bias needs --property TEXT (the labelled property, e.g. --property smiling)")
+    if finder is not None:
+        check_adapter = getattr(finder.factory, "check_adapter", None)
+        try:
+            if callable(check_adapter):
+                check_adapter(adapter.factory)
+        except OptionError as exc:
+            raise UsageError(render(exc, finder)) from None
+        if "needs_data" in finder.capabilities and not getattr(args, "data", None):
+            raise UsageError(f"--direction {finder.name}: this direction finder needs labelled images: --data FILE.npz")
+    _check_out(Path(args.out))
+    preflight = getattr(backend.factory, "preflight", None)
+    if callable(preflight):  # last: the only check that may wait (a TCP connect, a hub lookup)
+        try:
+            preflight(backend_arg, backend.options)
+        except OptionError as exc:
+            raise UsageError(render(exc, backend)) from None
+    return Plan(adapter, backend, backend_arg, bias, finder, implied, strengths, latents,
+                {"property": args.property} if args.property else {})
+
+
+def _build_adapter(args: argparse.Namespace, plan: Plan, model: Any) -> Any:
+    from ..components import get_adapter
+
+    try:
+        return get_adapter(model, plan.adapter.name, **plan.adapter.options)
+    except (ValueError, TypeError) as exc:
+        text = str(exc)
+        raise UsageError(text if text.startswith(str(args.model)) else f"--model {args.model}: {text}") from None
+
+
+def _directions(args: argparse.Namespace, plan: Plan, adapter: Any, data: dict[str, Any] | None) -> dict[str, Any]:
+    """Find (or, on --resume, reload) the directions, save them to OUT/directions.safetensors; the header entry."""
+    from ..directions import Directions
+    from ..directions.find import find_directions
+
+    saved = Path(args.out) / "directions.safetensors"
+    try:
+        if args.resume and saved.is_file():
+            directions = Directions.load(saved)
+            adapter.set_directions(directions)
+        else:
+            spec = plan.finder_implied.get("file", plan.finder.name)  # a file given as --direction PATH
+            options = {k: v for k, v in plan.finder.options.items() if k not in plan.finder_implied}
+            directions = find_directions(adapter, spec, seed=args.seed, data=data, **options)
+            if args.force or not (Path(args.out) / "results.json").exists():  # never clobber another run's file
+                directions.save(saved)
+    except OptionError as exc:
+        raise UsageError(render(exc, plan.finder)) from None
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from None
+    return {"file": "directions.safetensors", "finder": directions.provenance.get("finder"), "count": len(directions)}
+
+
+def _rank_plan(explainer: Any, out_dir: str, rank_by: str | None, score: str | None, top_k: int | None,
+             targets: Sequence[int] | None) -> tuple[list[int] | None, Callable[[Any], dict[str, Any]], dict[str, Any]]:
+    """What ``explain``/``demo`` run: (targets in rank order, per-latent extras, results.json header keys).
+
+    Without ranking flags: the given targets, heat maps (score: mean intensity), no header keys.
+    With them: rank every latent (``--rank-by``, default IntegratedGradients, of ``--score``, default
+    ``mean``), keep the ``--top-k`` among ``targets``, record attribution and rank per latent.
+    """
+    from ..ranking import rank_latents
+    from ..report.heatmaps import HeatmapWriter
+
+    heatmaps = HeatmapWriter(out_dir, score)
+    if rank_by is None and score is None:
+        return (list(targets) if targets is not None else None), heatmaps, {}
+    ranking = rank_latents(explainer.adapter, score, rank_by or "IntegratedGradients", seed=explainer.seed)
+    allowed = set(explainer.resolve_targets(targets))
+    order = [i for i in ranking.order if i in allowed]
+    order = order[:top_k] if top_k is not None else order
+
+    def extras(result: Any) -> dict[str, Any]:
+        return ranking.extras(result.index) | heatmaps(result)
+
+    return order, extras, {"ranking": ranking.to_json()}
+
+
+def _explain(args: argparse.Namespace, plan: Plan, adapter: Any, header: dict[str, Any], stats: Any) -> int:
     from ..adapters.base import DEFAULT_STRENGTHS
     from ..attribution import LatentExplainer
     from ..run import explain_to_dir, summarize
 
     try:
         explainer = LatentExplainer(
-            model, backend=args.backend, bias=args.bias, samples=args.samples, similarity=args.similarity,
-            threshold=args.threshold, strengths=checked["strengths"] or DEFAULT_STRENGTHS, seed=args.seed,
-            adapter=adapter, adapter_options=adapter_options,
-            backend_options=checked.get("backend_options"), context=checked.get("context"),
+            adapter, backend=args.backend, bias=args.bias, samples=args.samples, similarity=args.similarity,
+            threshold=args.threshold, strengths=plan.strengths or DEFAULT_STRENGTHS, seed=args.seed,
+            backend_options=plan.backend.options, context=plan.context,
         )
-        targets = checked["latents"]
+        targets = plan.latents
         if targets is not None:
             explainer.resolve_targets(targets)
-        from ..ranking import cli_plan  # --rank-by/--score/--top-k, and the heat maps of the report
-
-        targets, extras, ranked = cli_plan(explainer, args.out, getattr(args, "rank_by", None), getattr(args, "score", None),
+        targets, extras, ranked = _rank_plan(explainer, args.out, getattr(args, "rank_by", None), getattr(args, "score", None),
                                            getattr(args, "top_k", None), targets)
         header = header | ranked
         if getattr(args, "prompt_from_llm", False):
@@ -220,137 +272,43 @@ def _explain(args: argparse.Namespace, model: Any, adapter: str | None, header: 
     return code
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    checked = _validate_explain(args)
-    from ..demo import demo_data, load_demo_model
-    from ..run import latent_stats
+def explain_model(args: argparse.Namespace, model: Any, adapter_name: str, header: dict[str, Any]) -> int:
+    """The whole command for a model (a path, hub id, code spec or loaded module) and an adapter name."""
+    plan = plan_explain(args, adapter_name)
+    from ..data import load_npz
 
-    model = load_demo_model(device="cpu")
-    data = demo_data()
-    stats = latent_stats(model, data["images"], data["factors"], [str(n) for n in data["factor_names"]])
-    return _explain(args, model.to(args.device), "vae", {"model": "latentexplainer demo VAE (shapes, 10 latents)"}, stats, checked)
-
-
-def _explain_diffusion(args: argparse.Namespace, checked: dict[str, Any], data: dict[str, Any] | None) -> int:
-    """--adapter ddpm|sd: load UNet + DDIM scheduler (sd: + VAE, text encoder), find (or on --resume reload)
-    h-space directions, save them to OUT/directions.safetensors, explain."""
-    from ..adapters.diffusion import find_directions, labelled_images, resolve_direction_spec
-    from ..directions import Directions
-    from ..plugins import registry
-
-    cls = registry("adapters").get(args.adapter).factory
-    options = {"prompt": args.prompt or "a photograph", "guidance_scale": args.guidance_scale} if args.adapter == "sd" else {}
-    if args.adapter != "sd" and args.prompt is not None:
-        raise UsageError(f"--prompt: the {args.adapter} adapter is not text-conditioned (use --adapter sd)")
-    if args.n_directions is not None and args.n_directions < 1:
-        raise UsageError(f"--n-directions must be >= 1, got {args.n_directions}")
-    if args.steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {args.steps}")
-    rows = registry("biases").get(args.bias).factory().rows
-    if rows > cls.max_rows:
-        raise UsageError(f"the {args.bias!r} bias compares {rows} rows with another latent clamped; h-space directions have no "
-                         f"other latent to clamp: use --bias combination (the {args.adapter} default) or conditional")
-    try:
-        args.direction = args.direction or "pca"
-        if resolve_direction_spec(args.direction)[0] == "conditional":
-            if args.adapter == "sd":
-                raise ValueError("--direction conditional inverts the --data images, which the sd adapter cannot do; use pca, pullback or a file")
-            labelled_images(data)  # needs --data with binary factors: refuse before loading the model
+    data = load_npz(args.data) if getattr(args, "data", None) else None
+    if data is not None and plan.finder is not None:
+        check_data = getattr(plan.finder.factory, "check_data", None)
+        if callable(check_data):
+            try:
+                check_data(data)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+    adapter = _build_adapter(args, plan, model)
+    if plan.finder is not None:
+        header = header | {"directions": _directions(args, plan, adapter, data)}
+    stats = None
+    if data is not None:
         try:
-            scale = args.edit_scale if args.edit_scale == "auto" else float(args.edit_scale)
-        except ValueError:
-            raise ValueError(f"--edit-scale must be auto or a positive number, got {args.edit_scale!r}") from None
-        if getattr(args, "allow_pickle", False):  # only then: a plugin's adapter need not know the option
-            options["allow_pickle"] = True
-        adapter = cls.from_pretrained(args.model, device=args.device, dtype=args.dtype or "float32", steps=args.steps,
-                                      t_edit=args.t_edit, site=args.site, scale=scale, **options)
-        saved = Path(args.out) / "directions.safetensors"
-        if args.resume and saved.is_file():
-            directions = Directions.load(saved)
-            adapter.set_directions(directions)
-        else:
-            directions = find_directions(adapter, args.direction, args.n_directions, seed=args.seed, data=data)
-            if args.force or not (Path(args.out) / "results.json").exists():  # never clobber another run's file
-                directions.save(saved)
-    except (ValueError, TypeError) as exc:
-        raise UsageError(str(exc)) from None
-    header = {"model": str(args.model), "data": str(args.data) if args.data else None,
-              "directions": {"file": "directions.safetensors", "finder": directions.provenance.get("finder"), "count": len(directions)}}
-    return _explain(args, adapter, args.adapter, header, None, checked)
+            stats = adapter.latent_statistics(data)
+        except ValueError as exc:
+            raise UsageError(f"--data {args.data}: {exc}") from None
+    return _explain(args, plan, adapter, header, stats)
 
 
-def _explain_generator_directions(args: argparse.Namespace, model: Any, options: dict[str, Any],
-                                  checked: dict[str, Any]) -> int:
-    """--adapter generator --direction sefa|ganspace|FILE: explain directions in the generator's latent space."""
-    from ..adapters.diffusion import find_directions, resolve_direction_spec
-    from ..adapters.generator import GeneratorAdapter
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..demo import demo_data, load_demo_model
 
-    try:
-        if resolve_direction_spec(args.direction)[0] == "conditional":
-            raise ValueError("--direction conditional needs DDIM inversion (ddpm adapter); for a generator use sefa, ganspace or a file")
-        adapter = GeneratorAdapter(model, site=args.site, **options)
-        directions = find_directions(adapter, args.direction, args.n_directions, seed=args.seed)
-    except (ValueError, TypeError) as exc:
-        raise UsageError(str(exc)) from None
-    if args.force or not (Path(args.out) / "results.json").exists():  # never clobber another run's file
-        directions.save(Path(args.out) / "directions.safetensors")
-    header = {"model": str(args.model), "data": None,
-              "directions": {"file": "directions.safetensors", "finder": directions.provenance.get("finder"), "count": len(directions)}}
-    return _explain(args, adapter, "generator", header, None, checked)
+    plan = plan_explain(args, "vae")  # every input checked before the model loads
+    model = load_demo_model(device="cpu").to(args.device)
+    adapter = _build_adapter(args, plan, model)
+    data = demo_data()
+    stats = adapter.latent_statistics(data | {"factor_names": [str(n) for n in data["factor_names"]]})
+    return _explain(args, plan, adapter, {"model": "latentexplainer demo VAE (shapes, 10 latents)"}, stats)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from ..adapters.generator import is_code_spec
-
-    if args.adapter is None:
-        args.adapter = "generator" if is_code_spec(args.model) else "vae"
-    if args.latent_dim is not None and args.adapter != "generator":
-        raise UsageError(f"--latent-dim is for generators in code (--model file.py:factory); the {args.adapter} "
-                         "adapter reads the latent size from the model")
-    if args.latent_dim is not None and args.latent_dim < 1:
-        raise UsageError(f"--latent-dim must be >= 1, got {args.latent_dim}")
-    if args.direction is not None and args.adapter == "vae":
-        raise UsageError("--direction: the vae adapter explains its latent axes; directions are for --adapter generator "
-                         "(sefa, ganspace, a file) and the diffusion adapters (ddpm, sd)")
-    if args.direction is not None and args.adapter == "generator" and args.bias is None:
-        args.bias = "combination"  # a direction has no other latent to clamp
-    checked = _validate_explain(args)
-    from ..data import load_npz
-    from ..run import latent_stats
-
-    data = load_npz(args.data) if args.data else None
-    if args.adapter in ("ddpm", "sd"):
-        return _explain_diffusion(args, checked, data)
-    from ..adapters.vae import load_vae
-
-    model_path = Path(args.model)
-    options: dict[str, Any] = {}
-    if args.adapter == "generator":
-        from ..adapters.generator import load_generator
-
-        try:
-            model = load_generator(args.model, latent_dim=args.latent_dim)
-        except (ValueError, TypeError) as exc:
-            raise UsageError(f"--model {args.model}: {exc}") from None
-        stats = None
-        if args.latent_dim is not None:
-            options["latent_dim"] = args.latent_dim
-        if args.direction is not None:
-            return _explain_generator_directions(args, model, options, checked)
-    elif args.adapter == "vae":
-        if not model_path.exists():
-            raise UsageError(f"--model {args.model}: no such directory (a VAE directory holds config.json and model.safetensors)")
-        try:
-            model = load_vae(model_path, device=args.device, allow_pickle=args.allow_pickle)
-        except (ValueError, TypeError) as exc:  # LoadError, or a config that does not fit the weights
-            raise UsageError(f"--model {args.model}: {exc}") from None
-        stats = None
-        if data is not None and hasattr(model, "encode"):
-            stats = latent_stats(model, data["images"], data.get("factors"), data.get("factor_names"))
-    else:
-        model = args.model
-        stats = None
-    if args.site:
-        options["site"] = args.site
+    name = _adapter_name(args)
     header = {"model": str(args.model), "data": str(args.data) if args.data else None}
-    return _explain(args, model, args.adapter, header, stats, checked, options)
+    return explain_model(args, str(args.model), name, header)

@@ -50,6 +50,8 @@ def _add_explain_options(p: argparse.ArgumentParser, default_out: str | None) ->
     r.add_argument("--rank-by", default=None, metavar="METHOD", help="captum.attr method that ranks the latents by a score: IntegratedGradients, Saliency, FeatureAblation, 'NoiseTunnel(IntegratedGradients)', ...")
     r.add_argument("--score", default=None, help="score of the generated image to attribute: mean | red | green | blue | contrast | MODULE:FUNC (images (B,C,H,W) -> (B,)); default mean")
     r.add_argument("--top-k", type=int, default=None, metavar="K", help="explain only the K latents the score depends on most (needs --rank-by)")
+    p.add_argument("-o", "--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the selected adapter, backend or direction finder (repeatable; ADAPTER.KEY=VALUE when several take KEY); latentexplainer plugins --options NAME lists them")
     p.add_argument("--property", default=None, metavar="TEXT", help="the labelled property a conditional direction is tied to (conditional bias), e.g. smiling")
     p.add_argument("--prompt-from-llm", action="store_true", help="let the selected language-model backend write the prompt from the bias formula")
     g = p.add_argument_group("language-model backends (openai:MODEL, hf:PATH_OR_ID); see docs/backends.md")
@@ -87,11 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--direction", default=None, help="direction finder: ddpm/sd h-space: pca (default) | pullback | conditional (needs --data); "
                    "generator latent space: sefa | ganspace (default: the latent axes); a plugin's; a directions .safetensors file")
     d.add_argument("--n-directions", type=int, default=None, metavar="K", help="directions to find (default 8; conditional: one per binary factor)")
-    d.add_argument("--steps", type=int, default=50, help="denoising steps per image (default 50)")
+    d.add_argument("--steps", type=int, default=None, help="denoising steps per image (default 50)")
     d.add_argument("--t-edit", type=int, default=None, help="edit h on every step with timestep t >= T (default: half the training timesteps)")
-    d.add_argument("--edit-scale", default="auto", help="h <- h + strength * scale * v; auto: scale = std of <h, v> over 16 samples (default)")
+    d.add_argument("--edit-scale", default=None, help="h <- h + strength * scale * v; auto: scale = std of <h, v> over 16 samples (default)")
     d.add_argument("--prompt", default=None, help="sd: the prompt every image is generated from (default 'a photograph')")
-    d.add_argument("--guidance-scale", type=float, default=7.5, help="sd: classifier-free guidance weight (default 7.5; <= 1: none)")
+    d.add_argument("--guidance-scale", type=float, default=None, help="sd: classifier-free guidance weight (default 7.5; <= 1: none)")
     _add_explain_options(p, None)
 
     p = sub.add_parser("train-vae", help="train a beta-TCVAE on an npz of images",
@@ -149,5 +151,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", nargs="+", required=True, metavar="DIR", help="run directories holding evaluation.json")
     p.add_argument("--out", default=None, help="thresholds file (default $XDG_CONFIG_HOME/latentexplainer/thresholds.json)")
 
-    sub.add_parser("plugins", help="list registered adapters, backends, biases and direction finders")
+    p = sub.add_parser("plugins", help="list registered adapters, backends, biases, direction finders and edit rules")
+    p.add_argument("--options", default=None, metavar="NAME", help="show the options and capabilities a component declares")
     return parser

@@ -1,16 +1,12 @@
-"""Built-in direction finders."""
+"""Built-in direction finders, each a :class:`~latentexplainer_plugin.directions.finders.Finder`
+called ``finder(adapter, *, seed, data, **options)`` like any third-party finder."""
 
 from ..hookspecs import hookimpl
 
 
 @hookimpl
 def latentexplainer_register_direction_finders(register):
-    from ..directions import axes, conditional, ganspace, given, pca, pullback, sefa
+    from ..directions.finders import BUILTIN_FINDERS
 
-    register("axes", axes)
-    register("given", given)
-    register("pca", pca)
-    register("pullback", pullback)
-    register("conditional", conditional)
-    register("sefa", sefa)
-    register("ganspace", ganspace)
+    for finder in BUILTIN_FINDERS:
+        register(finder.name, finder)

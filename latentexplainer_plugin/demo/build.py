@@ -17,7 +17,7 @@ DEMO_TRAIN = TrainConfig(steps=10000, batch_size=128, lr=1e-3, beta=6.0, seed=DE
 
 def build_demo(out: str | Path, steps: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Train the demo VAE from scratch into ``out`` and return a summary (KL and factor per latent)."""
-    from ..run import latent_stats
+    from ..models.statistics import latent_stats
 
     started = time.perf_counter()
     data = make_dataset(DEMO_TRAIN_SIZE, seed=DEMO_SEED)

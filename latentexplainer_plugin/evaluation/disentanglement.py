@@ -49,7 +49,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.svm import LinearSVC
 from sklearn.tree import DecisionTreeClassifier
 
-from .factors import _check_pair, histogram_discretize
+from ..models.factors import _check_pair, histogram_discretize
 
 __all__ = [
     "MetricResult",

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..plugins import hook
 from ..types import Edit, Site
-from .sites import EditError, check_finite, probe_shape, resolve_module, validate_edit
+from .sites import EditError, check_finite, probe_shape, resolve_module, validate_strengths
 
 _wrapped: "weakref.WeakKeyDictionary[nn.Module, NNsight]" = weakref.WeakKeyDictionary()
 
@@ -36,15 +36,35 @@ def _envoy(wrapped: NNsight, path: str) -> Any:
     return envoy
 
 
+def edit_rule(name: str) -> Any:
+    """The registered edit rule ``name``; an unknown name raises EditError listing the registered rules."""
+    from ..plugins import UnknownComponentError, registry
+
+    try:
+        return registry("edit_rules").get(name).factory
+    except UnknownComponentError:
+        raise EditError(f"no plugin implements the edit rule {name!r} (registered rules: "
+                        f"{', '.join(registry('edit_rules').names())})") from None
+
+
+def check_edit(edit: Edit, shape: tuple[int, ...]) -> None:
+    """Every rule: finite strengths, one per batch item; then the rule's own ``validate(edit, shape)``."""
+    rule = edit_rule(edit.rule)
+    validate_strengths(edit, shape)
+    if edit.direction is not None:
+        check_finite(edit.direction, "edit direction")
+    validate = getattr(rule, "validate", None)
+    if callable(validate):
+        validate(edit, shape)
+
+
 def apply_edit(activation: torch.Tensor, edit: Edit) -> torch.Tensor:
-    """Edit one activation through the ``latentexplainer_edit`` hook (first plugin that knows the rule)."""
-    if edit.rule in ("add", "set"):
-        validate_edit(edit, activation.shape)
-    result = hook().latentexplainer_edit(activation=activation, edit=edit)
-    if result is None:
-        raise EditError(f"no plugin implements the edit rule {edit.rule!r} (built-in rules: add, set)")
-    if result.shape != activation.shape:
-        raise EditError(f"edit rule {edit.rule!r} returned shape {tuple(result.shape)} for an activation of shape {tuple(activation.shape)}")
+    """Edit one activation with the registered rule ``edit.rule``; the result must keep its shape."""
+    check_edit(edit, tuple(activation.shape))
+    result = edit_rule(edit.rule)(activation, edit)
+    if not torch.is_tensor(result) or result.shape != activation.shape:
+        got = tuple(result.shape) if torch.is_tensor(result) else type(result).__name__
+        raise EditError(f"edit rule {edit.rule!r} returned {got} for an activation of shape {tuple(activation.shape)}")
     return result
 
 
@@ -94,11 +114,8 @@ def run_with_edit(model: nn.Module, site: Site, edit: Edit, *args, calls: int = 
     """
     _check_calls(calls)
     resolve_module(model, site.path)
-    if edit.rule in ("add", "set"):
-        shape = expected_shape if expected_shape is not None else probe_shape(model, site, *args, **kwargs)
-        validate_edit(edit, shape)
-    elif edit.direction is not None:
-        check_finite(edit.direction, "edit direction")
+    shape = expected_shape if expected_shape is not None else probe_shape(model, site, *args, **kwargs)
+    check_edit(edit, tuple(shape))
     window = set(range(calls)[edit.calls]) if edit.calls is not None else set(range(calls))
     wrapped = wrap(model)
     with wrapped.trace(*args, **kwargs) as tracer:

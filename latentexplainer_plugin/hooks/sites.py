@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import math
 
 import torch
 from torch import nn
@@ -47,41 +46,18 @@ def check_finite(tensor: torch.Tensor, what: str) -> None:
             )
 
 
-def validate_edit(edit: Edit, shape: torch.Size | tuple[int, ...]) -> None:
-    """Check that ``edit`` fits an activation of ``shape`` (batch first); raise :class:`EditError` if not."""
+def validate_strengths(edit: Edit, shape: torch.Size | tuple[int, ...]) -> None:
+    """What every edit rule needs: a batch dimension, and one finite strength per batch item."""
     shape = tuple(shape)
     if len(shape) < 2:
         raise EditError(f"site activation has shape {shape}; expected a batch dimension plus features")
-    batch, features = shape[0], shape[1:]
     strengths = torch.as_tensor(edit.strengths)
     check_finite(strengths, "edit strengths")
-    if strengths.ndim != 1 or len(strengths) != batch:
+    if strengths.ndim != 1 or len(strengths) != shape[0]:
         raise EditError(
             f"edit has strengths of shape {tuple(strengths.shape)}, but the activation at the site has shape "
-            f"{shape}: give one strength per batch item ({batch})"
+            f"{shape}: give one strength per batch item ({shape[0]})"
         )
-    if edit.rule == "add":
-        if edit.direction is None:
-            raise EditError("the 'add' rule needs a direction")
-        check_finite(edit.direction, "edit direction")
-        d = tuple(edit.direction.shape)
-        if d != features and d != shape:
-            raise EditError(
-                f"edit direction has shape {d}, but the activation at the site has shape {shape}; the direction "
-                f"must have shape {features} (one for all samples) or {shape} (one per sample)"
-            )
-    elif edit.rule == "set":
-        if edit.index is None:
-            raise EditError("the 'set' rule needs an index")
-        n = math.prod(features)
-        index = torch.as_tensor(edit.index)
-        if index.ndim not in (0, 1) or (index.ndim == 1 and len(index) != batch):
-            raise EditError(f"edit index must be an int or one index per batch item ({batch}), got shape {tuple(index.shape)}")
-        if int(index.min()) < 0 or int(index.max()) >= n:
-            raise EditError(
-                f"edit index {index.tolist()} is out of range for an activation of shape {shape} "
-                f"({n} features per item: allowed 0..{n - 1})"
-            )
 
 
 class _StopForward(Exception):

@@ -11,6 +11,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -142,3 +143,8 @@ class ConvVAE(nn.Module):
             )
         model.extra_config = {k: v for k, v in raw.items() if k not in known}
         return model.to(device).eval()
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(N,H,W,C) uint8 -> (N,C,H,W) float in [0,1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .conv_vae import ConvVAE, ConvVAEConfig
+from .conv_vae import ConvVAE, ConvVAEConfig, images_to_tensor
+from .statistics import encode_means, latent_kl  # noqa: F401 (re-exported)
 
 KL_ESTIMATORS = ("sampled", "analytic")
 
@@ -248,11 +249,6 @@ def tcvae_loss(x: torch.Tensor, recon: torch.Tensor, mu: torch.Tensor, logvar: t
     return loss, parts | {"kl": kl_total.item(), "kl_weight": w}
 
 
-def images_to_tensor(images: np.ndarray) -> torch.Tensor:
-    """(N,H,W,C) uint8 -> (N,C,H,W) float in [0,1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
-
-
 def active_count_needed(latent_dim: int) -> int:
     """Fewest active latents that do not count as collapse: 3, or half the latents when there are fewer than 6."""
     return min(3, math.ceil(latent_dim / 2))
@@ -303,7 +299,7 @@ def _train(images: np.ndarray, model_config: ConvVAEConfig, cfg: TrainConfig, th
     history: list[dict[str, float]] = []
     from tqdm.auto import tqdm
 
-    from ..run import KL_ACTIVE
+    from .statistics import KL_ACTIVE
 
     bar = tqdm(range(cfg.steps), desc="train-vae", disable=not progress)
     start = time.perf_counter()
@@ -342,22 +338,6 @@ def _train(images: np.ndarray, model_config: ConvVAEConfig, cfg: TrainConfig, th
     return model, history
 
 
-@torch.no_grad()
-def latent_kl(model: ConvVAE, images: np.ndarray, batch: int = 512) -> np.ndarray:
-    """Mean KL(q(z_d|x) || N(0,1)) per latent dimension over ``images``: ~0 means collapsed."""
-    total = torch.zeros(model.latent_dim)
-    for start in range(0, len(images), batch):
-        mu, logvar = model.encode(images_to_tensor(images[start : start + batch]))
-        total += (0.5 * (mu**2 + logvar.exp() - 1 - logvar)).sum(0)
-    return (total / len(images)).numpy()
-
-
-@torch.no_grad()
-def encode_means(model: ConvVAE, images: np.ndarray, batch: int = 512) -> np.ndarray:
-    out = [model.encode(images_to_tensor(images[s : s + batch]))[0] for s in range(0, len(images), batch)]
-    return torch.cat(out).numpy()
-
-
 def latent_report(model: ConvVAE, images: np.ndarray, factors: np.ndarray | None = None,
                   factor_names: Sequence[str] | None = None, max_images: int = 2000, seed: int = 0) -> dict[str, Any]:
     """KL per latent, active latents (KL > 0.05 nats), the factor each captures (NMI) and a collapse warning.
@@ -365,7 +345,7 @@ def latent_report(model: ConvVAE, images: np.ndarray, factors: np.ndarray | None
     Measured on a seeded subsample of at most ``max_images`` images. ``warning`` is None unless
     fewer than :func:`active_count_needed` latents are active.
     """
-    from ..run import KL_ACTIVE, latent_stats
+    from .statistics import KL_ACTIVE, latent_stats
 
     if len(images) > max_images:
         pick = np.sort(np.random.default_rng(seed).choice(len(images), max_images, replace=False))

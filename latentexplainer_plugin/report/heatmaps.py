@@ -46,34 +46,6 @@ def change_map(traversal: Traversal) -> np.ndarray:
     return diff.mean(dim=(0, 1, 2, 3)).cpu().numpy()
 
 
-def score_attribution(traversal: Traversal, score: Any = None, n_steps: int = 16) -> np.ndarray | None:
-    """(H, W, C): IG of ``score`` over the image, from the traversal's first step to its last.
-
-    Averaged over bases and rows. None when the score has no gradient (e.g. it leaves torch).
-    """
-    from captum.attr import IntegratedGradients
-
-    from ..ranking import resolve_score
-
-    fn, _ = resolve_score(score)
-    images = traversal.images.detach().float()
-    first = images[:, :, 0].reshape(-1, *images.shape[-3:])
-    last = images[:, :, -1].reshape(-1, *images.shape[-3:])
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        out = fn(x)
-        return out[:, 0] if out.ndim == 2 and out.shape[1] == 1 else out
-
-    try:
-        with torch.enable_grad():
-            attr = IntegratedGradients(forward).attribute(last, baselines=first, n_steps=n_steps)
-    except RuntimeError as exc:  # "element 0 of tensors does not require grad": no gradient to follow
-        if "grad" not in str(exc):
-            raise
-        return None
-    return attr.mean(0).permute(1, 2, 0).detach().cpu().numpy()
-
-
 def _hwc(image: torch.Tensor) -> np.ndarray:
     arr = image.detach().float().clamp(0, 1).cpu().numpy().transpose(1, 2, 0)
     return np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr[:, :, :3]
@@ -91,6 +63,8 @@ def heatmap_figure(traversal: Traversal, score: Any = None, score_name: str | No
     mid = len(traversal.strengths) // 2
     image = _hwc(traversal.images[0, 0, mid])
     change = change_map(traversal)
+    from ..ranking import score_attribution
+
     attr = score_attribution(traversal, score)
     panels = 3 if attr is not None else 2
     fig = Figure(figsize=(2.6 * panels, 2.9), dpi=80)

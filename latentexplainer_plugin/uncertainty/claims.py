@@ -242,7 +242,7 @@ def _clause_claims(clause: str) -> list[Claim]:
 
 def parse_claims(text: str) -> list[Claim]:
     """The changes ``text`` describes, one claim per attribute (first direction found wins)."""
-    from .similarity import strip_frame  # the frame "as z3 increases" is not a change
+    from .frame import strip_frame  # the frame "as z3 increases" is not a change
 
     text = strip_frame(text).lower().replace("’", "'")
     text = re.sub(r"\bleft[\s-]to[\s-]right\b", "from left to right", text)
