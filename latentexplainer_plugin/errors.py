@@ -82,6 +82,10 @@ class FatalBackendError(BackendError):
     run stops at once (the CLI exits with code 2; finished latents are kept)."""
 
 
+class SAEError(LatentExplainerError, ValueError):
+    """An SAE that cannot be used: unreadable files, bad weights, or a site it does not fit."""
+
+
 class RunStoreError(LatentExplainerError, RuntimeError):
     """The run directory cannot be used (locked, settings differ, not writable, disk full)."""
 

@@ -33,6 +33,7 @@ KNOWN_CAPABILITIES: dict[str, str] = {
     "sampling_loop": "adapter: edits every step of a sampling loop (--steps, --t-edit)",
     "needs_data": "direction finder: needs labelled images (--data)",
     "per_step": "edit rule: applied on each step of a sampling loop",
+    "sae_features": "adapter: its latents are the features of a sparse autoencoder at a site (--sae)",
 }
 
 

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -164,9 +165,10 @@ class VAEAdapter(Adapter):
         chunks = []
         for start in range(0, len(z), self.max_batch):
             stop = start + self.max_batch
-            part = Edit(edit.rule, edit.strengths[start:stop],
-                        direction=edit.direction[start:stop] if edit.direction is not None and edit.direction.ndim == 2 else edit.direction,
-                        index=edit.index[start:stop] if torch.is_tensor(edit.index) and edit.index.ndim == 1 else edit.index)
+            # dataclasses.replace keeps the fields of Edit subclasses (an SAEEdit's sae)
+            part = replace(edit, strengths=edit.strengths[start:stop],
+                           direction=edit.direction[start:stop] if edit.direction is not None and edit.direction.ndim == 2 else edit.direction,
+                           index=edit.index[start:stop] if torch.is_tensor(edit.index) and edit.index.ndim == 1 else edit.index)
             zb = z[start:stop].to(self.device)
             expected = (len(zb), *self._site_features(zb))
             chunks.append(run_with_edit(self.driver, self.site, part, zb, expected_shape=expected).float().cpu())

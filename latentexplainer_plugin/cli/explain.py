@@ -27,6 +27,7 @@ class Plan:
     """What ``explain`` will do, decided and checked before anything expensive."""
 
     adapter: Selected
+    sae: Selected | None
     backend: Selected
     backend_arg: str | None
     bias: Selected
@@ -110,6 +111,15 @@ def plan_explain(args: argparse.Namespace, adapter_name: str) -> Plan:
         raise UsageError(str(exc)) from None
     adapter = _select("adapter", "adapters", adapter_name)
     backend = _select("backend", "backends", backend_name)
+    sae = None
+    if getattr(args, "sae", None):
+        from ..sae import SAEFeatureAdapter
+
+        if getattr(args, "direction", None):
+            raise UsageError("--direction and --sae: the latents are either directions or SAE features; choose one")
+        sae = Selected("feature source", "sae", SAEFeatureAdapter)
+    elif getattr(args, "features", None):
+        raise UsageError("--features picks SAE features: give the SAE with --sae PATH")
     direction = getattr(args, "direction", None)
     if direction is not None and "directions" not in adapter.capabilities:
         takers = [n for n in registry("adapters").names()
@@ -124,11 +134,12 @@ def plan_explain(args: argparse.Namespace, adapter_name: str) -> Plan:
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         finder = Selected("direction finder", finder_name, finder_factory)
+    explained = sae or adapter  # what the latents are: the SAE's features, or the adapter's own
     bias_name = args.bias or ("combination" if finder is not None and "latent_axes" in adapter.capabilities
-                              else getattr(adapter.factory, "default_bias", "disentanglement"))
+                              else getattr(explained.factory, "default_bias", "disentanglement"))
     args.bias = bias_name
     bias = _select("bias", "biases", bias_name)
-    components = [c for c in (backend, adapter, finder) if c is not None]
+    components = [c for c in (backend, adapter, sae, finder) if c is not None]
     route(components, flags_given(args), list(getattr(args, "options", None) or []), {"device": args.device})
     if finder is not None:
         finder.raw = implied | finder.raw
@@ -142,7 +153,7 @@ def plan_explain(args: argparse.Namespace, adapter_name: str) -> Plan:
                          f"the {backend.name} backend calls no model")
     bias_object = bias.factory()
     rows = getattr(bias_object, "rows", 1)
-    max_rows = getattr(adapter.factory, "max_rows", rows)
+    max_rows = getattr(explained.factory, "max_rows", 1 if sae is not None else rows)
     if rows > max_rows:
         raise UsageError(f"the {bias_name!r} bias compares {rows} rows with another latent clamped; the {adapter.name} "
                          f"adapter's directions have no other latent to clamp: use --bias combination or conditional")
@@ -164,7 +175,7 @@ def plan_explain(args: argparse.Namespace, adapter_name: str) -> Plan:
             preflight(backend_arg, backend.options)
         except OptionError as exc:
             raise UsageError(render(exc, backend)) from None
-    return Plan(adapter, backend, backend_arg, bias, finder, implied, strengths, latents,
+    return Plan(adapter, sae, backend, backend_arg, bias, finder, implied, strengths, latents,
                 {"property": args.property} if args.property else {})
 
 
@@ -172,10 +183,16 @@ def _build_adapter(args: argparse.Namespace, plan: Plan, model: Any) -> Any:
     from ..components import get_adapter
 
     try:
-        return get_adapter(model, plan.adapter.name, **plan.adapter.options)
+        adapter = get_adapter(model, plan.adapter.name, **plan.adapter.options)
     except (ValueError, TypeError) as exc:
         text = str(exc)
         raise UsageError(text if text.startswith(str(args.model)) else f"--model {args.model}: {text}") from None
+    if plan.sae is None:
+        return adapter
+    try:  # the SAE's features become the latents; its d_in is checked against the site before any edit
+        return plan.sae.factory(adapter, args.sae, **plan.sae.options)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"--sae {args.sae}: {exc}") from None
 
 
 def _directions(args: argparse.Namespace, plan: Plan, adapter: Any, data: dict[str, Any] | None) -> dict[str, Any]:
@@ -213,15 +230,20 @@ def _rank_plan(explainer: Any, out_dir: str, rank_by: str | None, score: str | N
     from ..report.heatmaps import HeatmapWriter
 
     heatmaps = HeatmapWriter(out_dir, score)
+    latent_extras = getattr(explainer.adapter, "latent_extras", None)  # what the adapter knows per latent
+
+    def own(result: Any) -> dict[str, Any]:
+        return latent_extras(result.index) if callable(latent_extras) else {}
+
     if rank_by is None and score is None:
-        return (list(targets) if targets is not None else None), heatmaps, {}
+        return (list(targets) if targets is not None else None), (lambda result: heatmaps(result) | own(result)), {}
     ranking = rank_latents(explainer.adapter, score, rank_by or "IntegratedGradients", seed=explainer.seed)
     allowed = set(explainer.resolve_targets(targets))
     order = [i for i in ranking.order if i in allowed]
     order = order[:top_k] if top_k is not None else order
 
     def extras(result: Any) -> dict[str, Any]:
-        return ranking.extras(result.index) | heatmaps(result)
+        return ranking.extras(result.index) | heatmaps(result) | own(result)
 
     return order, extras, {"ranking": ranking.to_json()}
 
@@ -311,4 +333,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     name = _adapter_name(args)
     header = {"model": str(args.model), "data": str(args.data) if args.data else None}
+    if getattr(args, "sae", None):
+        header["sae"] = str(args.sae)
     return explain_model(args, str(args.model), name, header)

@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latent size of a generator that does not tell (no latent_dim/z_dim/nz attribute)")
     p.add_argument("--site", default=None, help="latent site, e.g. decoder.input or mid_block.output (default: per architecture)")
     p.add_argument("--data", default=None, help="npz with images (and factors) to measure KL and captured factors")
+    s = p.add_argument_group("sparse autoencoder features (--sae); see docs/sae.md")
+    s.add_argument("--sae", default=None, metavar="PATH",
+                   help="explain the features of this SAE (SAELens, sparsify or dictionary_learning layout) instead of the "
+                        "model's latents; --site is where the SAE reads (default: the SAE file's hook, else the model's site)")
+    s.add_argument("--features", default=None, metavar="LIST", help="comma-separated SAE features to explain (default: all)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept a pickle checkpoint (.pt/.bin) when the model has no safetensors; read with torch.load(weights_only=True)")
     d = p.add_argument_group("diffusion models (--adapter ddpm | sd); see docs/diffusion.md")

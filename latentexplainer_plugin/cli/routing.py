@@ -22,7 +22,7 @@ FLAG_OPTIONS: dict[str, str] = {
     "--max-retries": "max_retries", "--dtype": "dtype", "--max-new-tokens": "max_new_tokens", "--cache-dir": "cache_dir",
     "--no-cache": "no_cache", "--allow-pickle": "allow_pickle", "--site": "site", "--latent-dim": "latent_dim",
     "--steps": "steps", "--t-edit": "t_edit", "--edit-scale": "edit_scale", "--prompt": "prompt",
-    "--guidance-scale": "guidance_scale", "--n-directions": "n_directions",
+    "--guidance-scale": "guidance_scale", "--n-directions": "n_directions", "--features": "features",
 }
 #: Run-wide settings handed to every component that declares them; never "unused".
 CONTEXT_OPTIONS: dict[str, str] = {"--device": "device"}
@@ -65,11 +65,13 @@ def _join(labels: list[str]) -> str:
 
 def flags_given(args: argparse.Namespace) -> dict[str, Any]:
     """The friendly flags the user set (store_true flags count when True)."""
+    from .common import _parse_ints
+
     given = {}
     for flag in FLAG_OPTIONS:
         value = getattr(args, flag[2:].replace("-", "_"), None)
         if value is not None and value is not False:
-            given[flag] = value
+            given[flag] = _parse_ints(value, flag[2:]) if flag == "--features" else value
     return given
 
 
@@ -79,6 +81,8 @@ def route(components: list[Selected], flags: dict[str, Any], pairs: list[str], c
     for flag, value in flags.items():
         option = FLAG_OPTIONS[flag]
         takers = [c for c in components if c.declares(option)]
+        exclusive = [c for c in takers if option in getattr(c.factory, "exclusive_options", ())]
+        takers = exclusive or takers  # e.g. --site with --sae: where the SAE reads, not the model's latent
         if not takers:
             raise UsageError(f"{flag}: not used by {_join([c.label for c in components])} "
                              f"(their options: {_listing(components)})")

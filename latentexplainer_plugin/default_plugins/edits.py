@@ -1,4 +1,5 @@
-"""Built-in edit rules: ``add`` (a + strength * direction) and ``set`` (coordinate ``index`` := strength).
+"""Built-in edit rules: ``add`` (a + strength * direction), ``set`` (coordinate ``index`` := strength) and
+``sae`` (SAE feature k := a, keeping the reconstruction error).
 
 Each rule is registered like a third-party one: a callable ``rule(activation, edit)`` with an
 optional ``validate(edit, shape)`` that the edit path calls before the forward pass.
@@ -64,5 +65,8 @@ class _Set:
 
 @hookimpl
 def latentexplainer_register_edit_rules(register):
+    from ..sae.steering import RULE, SAERule
+
     register("add", _Add())
     register("set", _Set())
+    register(RULE, SAERule())  # set an SAE feature, keeping the SAE's error (sae/steering.py)

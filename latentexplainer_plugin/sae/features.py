@@ -1,0 +1,298 @@
+"""SAE features as latents: latent i is SAE feature k = ``features[i]`` at a site of a decoder.
+
+:class:`SAEFeatureAdapter` wraps an adapter that decodes a latent through a site (``VAEAdapter``,
+``GeneratorAdapter``) and explains the SAE's features there instead of the latent axes:
+
+1. Site: ``site=``, else the site recorded in the SAE file when it is a module path of the model,
+   else the inner adapter's site. The SAE's ``d_in`` is checked against a probed shape (the model
+   runs only up to the site) before any edited forward pass.
+2. Feature statistics, from ``stats_bases`` latents drawn by the inner adapter's ``sample_bases``
+   (seed ``stats_seed``, apart from the explanation bases, seed 0 by default): per base, the
+   feature's peak activation over positions (a (B, D) site has one position). From these:
+   ``frequency`` (share of bases where it fires anywhere), ``position_frequency`` (share of all
+   positions), ``median_active`` (median peak over the bases where it fires) and ``max``.
+   A feature that never fires is **dead**; one firing at more than ``dense_frequency`` of the
+   positions is **dense**.
+3. Strengths, per feature, in units of its own activation distribution:
+   ``quantiles`` (default) 0, median when active, max, 2 x max (the explainer's strengths are not
+   used); ``relative`` the explainer's strengths times the feature's max; ``absolute`` the
+   explainer's strengths as raw activations. A dead feature gets all-zero strengths in the first
+   two modes: its strip shows no change, so it is never a clear explanation, and
+   ``Traversal.meta["dead"]`` says why.
+4. Traversal: feature k is set to each strength with the steering edit of
+   :mod:`latentexplainer_plugin.sae.steering` (reconstruction error kept); every
+   (feature, base, strength) goes through the decoder in batched calls of ``max_batch``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Sequence
+
+import torch
+from pydantic import Field
+
+from ..adapters.base import Adapter, check_strengths
+from ..hooks import SiteError, probe_shape, resolve_module, run_with_edit
+from ..options import ComponentOptions, validate_options
+from ..types import Site, Traversal
+from .formats import load_sae
+from .model import SparseAutoencoder
+from .steering import RULE, SAEEdit
+
+StrengthMode = Literal["quantiles", "relative", "absolute"]
+STRENGTH_MODES = ("quantiles", "relative", "absolute")
+MAX_SAE_VALUES = 2**25  # feature activations held at once (128 MiB in float32) while encoding a chunk
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def site_activation(model: torch.nn.Module, site: Site, *args: Any) -> torch.Tensor:
+    """The activation at ``site`` for these inputs, running the model only up to the site."""
+    module = resolve_module(model, site.path)
+    found: list[torch.Tensor] = []
+
+    def record(value: Any) -> None:
+        value = value[0] if isinstance(value, (tuple, list)) else value
+        if not torch.is_tensor(value):
+            raise SiteError(f"site {site} holds a {type(value).__name__}, not a tensor")
+        found.append(value.detach())
+        raise _Stop
+
+    if site.kind == "input":
+        handle = module.register_forward_pre_hook(lambda m, a, kw: record(a[0] if a else next(iter(kw.values()))),
+                                                  with_kwargs=True)
+    else:
+        handle = module.register_forward_hook(lambda m, a, out: record(out))
+    try:
+        model(*args)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not found:
+        raise SiteError(f"site {site} was never called during the forward pass of {type(model).__name__}")
+    return found[0]
+
+
+class SAEFeatureAdapter(Adapter):
+    """Explain the features of a sparse autoencoder at a site of a VAE or generator.
+
+    Args:
+        inner: a ``VAEAdapter`` or ``GeneratorAdapter`` (it supplies the decoder, bases and output range).
+        sae: a :class:`SparseAutoencoder` or the path of a saved one (see :func:`load_sae`).
+        site: where the SAE reads the activations (module docstring, step 1).
+        features: SAE feature numbers to explain (default: all); latent i is ``features[i]``, id ``f{k}``.
+        strengths: ``quantiles``, ``relative`` or ``absolute`` (module docstring, step 3).
+        stats_bases, stats_seed: the bases the feature statistics are estimated from.
+        feature_axis: where the features are in the site's activation (default: by shape, see
+            :mod:`latentexplainer_plugin.sae.model`).
+        dense_frequency: position frequency above which a feature counts as dense.
+        allow_pickle: let ``sae`` be a dictionary_learning ``ae.pt`` (read with weights_only=True).
+    """
+
+    name = "sae"
+    default_bias = "combination"  # an SAE feature has no partner latent to clamp in a second row
+    capabilities: ClassVar[frozenset[str]] = frozenset({"sae_features"})
+    #: ``site`` names where the SAE reads; the wrapped adapter keeps its own latent site.
+    exclusive_options: ClassVar[frozenset[str]] = frozenset({"site"})
+
+    class Options(ComponentOptions):
+        site: str | None = Field(None, description="site the SAE reads (default: the SAE file's, else the model's)")
+        features: list[int] | None = Field(None, description="SAE feature numbers to explain (default: all)")
+        strengths: StrengthMode = Field("quantiles", description="strength units: quantiles (0, median when "
+                                        "active, max, 2 x max), relative (x the feature's max) or absolute")
+        stats_bases: int = Field(256, ge=1, le=100_000, description="bases the feature statistics come from")
+        stats_seed: int = Field(1, description="seed of the statistics bases")
+        feature_axis: int | None = Field(None, description="dim of the features in the site's activation "
+                                         "(default: 1 for (B, C, H, W), else the last)")
+        dense_frequency: float = Field(0.5, gt=0.0, le=1.0, description="a feature firing at more than this "
+                                       "share of positions is dense")
+        allow_pickle: bool = Field(False, description="accept dictionary_learning's ae.pt (weights_only=True)")
+
+    def __init__(self, inner: Adapter, sae: SparseAutoencoder | str | Path, site: Site | str | None = None,
+                 features: Sequence[int] | None = None, strengths: str = "quantiles", stats_bases: int = 256,
+                 stats_seed: int = 1, feature_axis: int | None = None, dense_frequency: float = 0.5,
+                 allow_pickle: bool = False):
+        validate_options(type(self), {"strengths": strengths, "stats_bases": stats_bases, "stats_seed": stats_seed,
+                                      "feature_axis": feature_axis, "dense_frequency": dense_frequency},
+                         "the sae adapter")
+        if not (isinstance(getattr(inner, "driver", None), torch.nn.Module) and isinstance(getattr(inner, "site", None), Site)
+                and callable(getattr(inner, "sample_bases", None))):
+            raise TypeError(f"SAEFeatureAdapter wraps an adapter that decodes a latent through a site (a `driver` module, a "
+                            f"`site` and `sample_bases`, as VAEAdapter and GeneratorAdapter), got {type(inner).__name__}")
+        if isinstance(sae, (str, Path)):
+            sae = load_sae(sae, allow_pickle=allow_pickle)
+        if not isinstance(sae, SparseAutoencoder):
+            raise TypeError(f"sae must be a SparseAutoencoder or the path of a saved SAE, got {type(sae).__name__}")
+        self.inner = inner
+        self.sae = sae.to(inner.device).eval()
+        self.site = self._choose_site(site)
+        self.feature_axis = feature_axis
+        self.strength_mode = strengths
+        self.stats_bases, self.stats_seed, self.dense_frequency = stats_bases, stats_seed, dense_frequency
+        # 1. d_in against the probed site shape: fails before any edited forward pass
+        probe = inner.sample_bases(1, seed=stats_seed).to(inner.device)
+        self.site_shape = tuple(probe_shape(inner.driver, self.site, probe))
+        self.sae.check_site(self.site_shape, site=self.site, feature_axis=feature_axis)
+        if features is None:
+            self.features = list(range(self.sae.d_sae))
+        else:
+            self.features = [int(k) for k in features]
+            bad = [k for k in self.features if not 0 <= k < self.sae.d_sae]
+            if not self.features or bad:
+                raise ValueError(f"features must be SAE feature numbers in 0..{self.sae.d_sae - 1}, got "
+                                 f"{bad or 'an empty list'}")
+        self._stats: dict[str, torch.Tensor] | None = None
+
+    def _choose_site(self, site: Site | str | None) -> Site:
+        if isinstance(site, str):
+            site = Site.parse(site)
+        if site is None and self.sae.site:
+            recorded = Site.parse(self.sae.site)
+            try:
+                resolve_module(self.inner.driver, recorded.path)
+                site = recorded
+            except SiteError:
+                site = None  # a hook name of another library (blocks.8.hook_resid_pre): not a module path here
+        site = site or self.inner.site
+        try:
+            resolve_module(self.inner.driver, site.path)
+        except SiteError as exc:
+            model = type(self.inner.model).__name__
+            raise SiteError(str(exc).replace(type(self.inner.driver).__name__, model, 1)) from None
+        return site
+
+    # -- the Adapter interface
+    @property
+    def n_latents(self) -> int:
+        return len(self.features)
+
+    def latent_id(self, index: int) -> str:
+        return f"f{self.features[index]}"
+
+    def sample_bases(self, n: int, seed: int = 0) -> torch.Tensor:
+        return self.inner.sample_bases(n, seed=seed)
+
+    # -- feature statistics
+    @torch.no_grad()
+    def _compute_stats(self) -> dict[str, torch.Tensor]:
+        bases = self.inner.sample_bases(self.stats_bases, seed=self.stats_seed)
+        picked = torch.tensor(self.features, device=self.inner.device)
+        peaks, active_positions, positions = [], torch.zeros(len(self.features), dtype=torch.float64), 0
+        chunk = self._chunk()
+        for start in range(0, len(bases), chunk):
+            z = bases[start:start + chunk].to(self.inner.device)
+            h = site_activation(self.inner.driver, self.site, z)
+            axis = self.sae.check_site(h.shape, site=self.site, feature_axis=self.feature_axis)
+            acts = self.sae.encode_last(h.movedim(axis, -1)).index_select(-1, picked)  # (b, ..., F)
+            acts = acts.reshape(len(z), -1, len(self.features))  # (b, positions, F)
+            peaks.append(acts.amax(dim=1).float().cpu())
+            active_positions += (acts > 0).sum(dim=(0, 1)).double().cpu()
+            positions += acts.shape[0] * acts.shape[1]
+        peak = torch.cat(peaks)  # (N, F)
+        fires = peak > 0
+        masked = torch.where(fires, peak, torch.full_like(peak, float("nan")))
+        median = masked.nanmedian(dim=0).values.nan_to_num(0.0)
+        position_frequency = (active_positions / positions).float()
+        return {"frequency": fires.float().mean(0), "position_frequency": position_frequency,
+                "median_active": median, "max": peak.amax(0), "dead": ~fires.any(0),
+                "dense": position_frequency > self.dense_frequency}
+
+    @property
+    def stats(self) -> dict[str, torch.Tensor]:
+        if self._stats is None:
+            self._stats = self._compute_stats()
+        return self._stats
+
+    def feature_stats(self) -> list[dict[str, Any]]:
+        """Per latent: feature number, frequency, position_frequency, median_active, max, dead, dense."""
+        return [self.feature_extras(i) for i in range(self.n_latents)]
+
+    def feature_extras(self, index: int) -> dict[str, Any]:
+        """What the statistics say about latent ``index`` (for results.json: dead features are marked)."""
+        s = self.stats
+        return {"feature": self.features[index], "dead": bool(s["dead"][index]), "dense": bool(s["dense"][index]),
+                "frequency": round(float(s["frequency"][index]), 4),
+                "position_frequency": round(float(s["position_frequency"][index]), 4),
+                "median_active": round(float(s["median_active"][index]), 6), "max": round(float(s["max"][index]), 6)}
+
+    def latent_extras(self, index: int) -> dict[str, Any]:
+        """What results.json records per latent (the run store asks every adapter): :meth:`feature_extras`."""
+        return self.feature_extras(index)
+
+    def dead_latents(self) -> list[int]:
+        """Latent indices whose feature never fired on the statistics bases."""
+        return [i for i in range(self.n_latents) if bool(self.stats["dead"][i])]
+
+    def feature_strengths(self, index: int, strengths: torch.Tensor) -> torch.Tensor:
+        """The target activations of latent ``index`` (module docstring, step 3)."""
+        if self.strength_mode == "absolute":
+            return strengths.clone()
+        top = float(self.stats["max"][index])
+        if self.strength_mode == "relative":
+            return strengths * top
+        return torch.tensor([0.0, float(self.stats["median_active"][index]), top, 2.0 * top])
+
+    # -- traversal
+    @torch.no_grad()
+    def traverse(self, indices: Sequence[int], bases: torch.Tensor, strengths: Sequence[float] | torch.Tensor,
+                 rows: int = 1, **_: Any) -> list[Traversal]:
+        """One Traversal per latent index: its feature set to each of its strengths, from each base."""
+        if rows != 1:
+            raise ValueError(f"an SAE feature has no partner latent to clamp, so the bias cannot compare {rows} rows: "
+                             "use the combination bias")
+        strengths = check_strengths(strengths)
+        bases = self.inner._check_bases(bases)
+        indices = [self.check_index(i) for i in indices]
+        if not indices:
+            raise ValueError("nothing to traverse: indices is empty")
+        targets = torch.stack([self.feature_strengths(i, strengths) for i in indices])  # (F, S)
+        n_lat, (n, d), s = len(indices), bases.shape, targets.shape[1]
+        z = bases[None, :, None, :].expand(n_lat, n, s, d).reshape(-1, d)
+        flat_targets = targets[:, None, :].expand(n_lat, n, s).reshape(-1)
+        flat_features = torch.tensor([self.features[i] for i in indices]).repeat_interleave(n * s)
+        edit = SAEEdit(RULE, flat_targets, index=flat_features, sae=self.sae, feature_axis=self.feature_axis)
+        images = self._decode(z, edit)
+        images = images.view(n_lat, n, 1, s, *images.shape[1:])
+
+        out = []
+        for li, i in enumerate(indices):
+            extras = self.feature_extras(i)
+            out.append(Traversal(
+                latent_id=self.latent_id(i), images=images[li], strengths=targets[li], rule=RULE, index=i,
+                base_latents=bases[:, None], row_labels=[""],
+                meta={"site": str(self.site), "feature": self.features[i], "strength_units": self.strength_mode,
+                      "dead": extras["dead"], "stats": extras}))
+        return out
+
+    def _chunk(self) -> int:
+        """Items per forward pass: ``max_batch``, fewer when the SAE's activations would pass ~2**25 values."""
+        positions = 1
+        axis = self.sae.axis_for(len(self.site_shape), self.feature_axis)
+        for dim, size in enumerate(self.site_shape[1:], start=1):
+            positions *= size if dim != axis else 1
+        return max(1, min(self.inner.max_batch, MAX_SAE_VALUES // max(1, positions * self.sae.d_sae)))
+
+    def _decode(self, z: torch.Tensor, edit: SAEEdit) -> torch.Tensor:
+        inner = self.inner
+        chunks, chunk = [], self._chunk()
+        for start in range(0, len(z), chunk):
+            stop = start + chunk
+            part = replace(edit, strengths=edit.strengths[start:stop], index=edit.index[start:stop])
+            chunks.append(run_with_edit(inner.driver, self.site, part, z[start:stop].to(inner.device)).float().cpu())
+        images = torch.cat(chunks)
+        lo, hi = inner.output_range
+        if (lo, hi) != (0.0, 1.0):
+            images = (images - lo) / (hi - lo)
+        return images.clamp_(0.0, 1.0)
+
+    def describe(self) -> dict[str, Any]:
+        s = self.stats
+        return {"name": self.name, "n_latents": self.n_latents, "inner": self.inner.describe(), "site": str(self.site),
+                "sae": self.sae.describe(), "strength_units": self.strength_mode, "stats_bases": self.stats_bases,
+                "stats_seed": self.stats_seed, "dead": int(s["dead"].sum()), "dense": int(s["dense"].sum())}
