@@ -86,6 +86,14 @@ class SAEError(LatentExplainerError, ValueError):
     """An SAE that cannot be used: unreadable files, bad weights, or a site it does not fit."""
 
 
+class VLMError(LatentExplainerError, ValueError):
+    """A bad demo-VLM setting or directory; the message says what was wrong and what is allowed."""
+
+
+class CaptionError(LatentExplainerError, ValueError):
+    """Factors that cannot be captioned (wrong shape, unknown shape index) or words outside the vocabulary."""
+
+
 class RunStoreError(LatentExplainerError, RuntimeError):
     """The run directory cannot be used (locked, settings differ, not writable, disk full)."""
 

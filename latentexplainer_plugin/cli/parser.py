@@ -137,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
 
+    p = sub.add_parser("train-demo-vlm", help="rebuild the demo VLM: a tiny LLaVA trained to caption the shapes data (docs/vlm.md)")
+    p.add_argument("--out", default=None, help="where to write it (default: the package's vlm/weights)")
+    p.add_argument("--steps", type=int, default=2000, help="optimiser steps (default 2000: about 6 CPU-minutes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-images", type=int, default=500, help="held-out images for caption accuracy (default 500; 0: skip)")
+    p.add_argument("--quiet", action="store_true")
+
     p = sub.add_parser("make-data", help="write a procedural shapes dataset as npz")
     p.add_argument("--out", required=True)
     p.add_argument("--n", type=int, default=20000)
