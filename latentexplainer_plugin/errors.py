@@ -94,6 +94,26 @@ class CaptionError(LatentExplainerError, ValueError):
     """Factors that cannot be captioned (wrong shape, unknown shape index) or words outside the vocabulary."""
 
 
+class UnsupportedPipelineError(LatentExplainerError, ValueError):
+    """A pipeline directory whose ``_class_name`` no built-in adapter explains."""
+
+
+class SAEMetricsError(LatentExplainerError, ValueError):
+    """Activations that cannot be scored (empty, wrong width, non-finite)."""
+
+
+class ExamplesError(LatentExplainerError, ValueError):
+    """Bad settings for example selection, or images / maps that do not fit together."""
+
+
+class CollectError(LatentExplainerError, ValueError):
+    """Bad collection settings, an activation that cannot be collected, or an unreadable collection."""
+
+
+class SAETrainError(LatentExplainerError, ValueError):
+    """Bad training settings or data, or the training library is missing."""
+
+
 class RunStoreError(LatentExplainerError, RuntimeError):
     """The run directory cannot be used (locked, settings differ, not writable, disk full)."""
 

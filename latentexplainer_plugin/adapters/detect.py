@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import LatentExplainerError
+from ..errors import UnsupportedPipelineError  # noqa: F401 (re-exported)
 
 #: diffusers pipeline class (``model_index.json`` ``_class_name``) -> registered adapter name.
 SUPPORTED_PIPELINES: dict[str, str] = {
@@ -18,10 +18,6 @@ SUPPORTED_PIPELINES: dict[str, str] = {
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
 }
-
-
-class UnsupportedPipelineError(LatentExplainerError, ValueError):
-    """A pipeline directory whose ``_class_name`` no built-in adapter explains."""
 
 
 def adapter_for_directory(path: str | Path) -> str | None:
