@@ -80,8 +80,12 @@ def _inside(shape: str, u: np.ndarray, v: np.ndarray, s: np.ndarray, aspect: flo
     raise ValueError(f"unknown shape {shape!r}; known shapes: square, ellipse, triangle, diamond, cross, ring")
 
 
-def render(factors: np.ndarray, spec: ShapesSpec = ShapesSpec(), chunk: int = 2048) -> np.ndarray:
-    """Render factor rows to uint8 images of shape (N, size, size, 3)."""
+def render(factors: np.ndarray, spec: ShapesSpec = ShapesSpec(), chunk: int = 2048, masks: bool = False):
+    """Render factor rows to uint8 images of shape (N, size, size, 3).
+
+    With ``masks=True`` return ``(images, masks)``: masks (N, size, size) bool are the object's
+    pixels (at least 2 of a pixel's 4 subsamples inside the object), a ground truth for where it is.
+    """
     factors = np.asarray(factors, dtype=np.float64)
     if factors.ndim != 2 or factors.shape[1] != len(FACTOR_NAMES):
         raise ValueError(f"factors must have shape (N, {len(FACTOR_NAMES)}), got {factors.shape}")
@@ -91,6 +95,7 @@ def render(factors: np.ndarray, spec: ShapesSpec = ShapesSpec(), chunk: int = 20
     ramp = (spec.gradient * (0.5 - (np.arange(size) + 0.5) / size)).reshape(1, size, 1, 1)
     tint = np.asarray(spec.tint, dtype=np.float64).reshape(1, 1, 1, 3)
     out = np.empty((len(factors), size, size, 3), dtype=np.uint8)
+    mask_out = np.empty((len(factors), size, size), dtype=bool) if masks else None
     for start in range(0, len(factors), chunk):
         f = factors[start : start + chunk]
         n = len(f)
@@ -105,19 +110,26 @@ def render(factors: np.ndarray, spec: ShapesSpec = ShapesSpec(), chunk: int = 20
             if sel.any():
                 mask[sel] = _inside(shape, u[sel], v[sel], s[sel], spec.ellipse_aspect)
         cover = mask.reshape(n, size, 2, size, 2).mean(axis=(2, 4))[..., None]
+        if mask_out is not None:
+            mask_out[start : start + n] = cover[..., 0] >= 0.5
         colour = np.array([colorsys.hsv_to_rgb(h, spec.saturation, spec.value) for h in f[:, 5]]).reshape(n, 1, 1, 3)
         bg = np.clip(f[:, 6].reshape(n, 1, 1, 1) * tint + ramp, 0.0, 1.0)
         img = cover * colour + (1.0 - cover) * bg
         out[start : start + n] = np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
-    return out
+    return (out, mask_out) if masks else out
 
 
-def make_dataset(n: int, spec: ShapesSpec = ShapesSpec(), seed: int = 0) -> dict[str, np.ndarray]:
-    """Return the ``train-vae`` npz layout: ``images`` (N,H,W,3 uint8), ``factors``, ``factor_names``."""
+def make_dataset(n: int, spec: ShapesSpec = ShapesSpec(), seed: int = 0, masks: bool = False) -> dict[str, np.ndarray]:
+    """Return the ``train-vae`` npz layout: ``images`` (N,H,W,3 uint8), ``factors``, ``factor_names``.
+
+    With ``masks=True`` also ``masks`` (N,H,W bool): each image's object pixels (see :func:`render`).
+    """
     factors = sample_factors(n, spec, seed)
+    rendered = render(factors, spec, masks=masks)
+    extra = {"masks": rendered[1]} if masks else {}
     return {
-        "images": render(factors, spec),
+        "images": rendered[0] if masks else rendered,
         "factors": factors,
         "factor_names": np.array(FACTOR_NAMES),
         "shape_names": np.array(spec.shapes),
-    }
+    } | extra
