@@ -65,3 +65,20 @@ def test_sae_input_errors_name_both_sizes_before_any_work(tmp_path, capsys):
     assert code == 2 and "--features picks SAE features: give the SAE with --sae PATH" in capsys.readouterr().err
     code, _ = run(tmp_path, "bad3", "--sae", str(tmp_path / "nowhere"))
     assert code == 2 and "--sae" in capsys.readouterr().err
+
+
+def test_sae_train_then_explain_its_features(tmp_path, capsys):
+    out = tmp_path / "sae"
+    code = main(["sae-train", "--model", str(WEIGHTS_DIR), "--site", "decoder.fc.1.output", "--n-features", "32", "-k", "4",
+                 "--steps", "60", "--samples", "512", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["d_sae"] == 32 and cfg["metadata"]["hook_name"] == "decoder.fc.1.output"
+    report = json.loads(next(line for line in printed.splitlines() if line.startswith("{")))
+    assert 0.0 <= report["fvu"] < 1.0 and 0 < report["l0"] <= 4 + 1e-6
+    assert (out / "activations" / "manifest.json").is_file()
+    code, data = run(tmp_path, "feat-run", "--sae", str(out), "--features", "0,1")
+    assert code in (0, 1) and [e["id"] for e in data["latents"]] == ["f0", "f1"]
+    assert str(data["adapter"]["site"]) == "decoder.fc.1.output"
+    assert all("dead" in e and "frequency" in e for e in data["latents"])

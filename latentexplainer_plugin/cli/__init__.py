@@ -22,12 +22,13 @@ from .explain import cmd_demo, cmd_explain
 from .parser import build_parser
 from .plugins import cmd_plugins
 from .train import cmd_train_demo, cmd_train_vae
+from .sae import cmd_sae_train
 from .vlm import cmd_train_demo_vlm
 
 __all__ = ["COMMANDS", "EXIT_BAD_INPUT", "EXIT_INTERNAL_ERROR", "EXIT_INTERRUPTED", "UsageError", "build_parser", "main"]
 
 COMMANDS = {"demo": cmd_demo, "explain": cmd_explain, "train-vae": cmd_train_vae, "train-demo": cmd_train_demo, "train-demo-vlm": cmd_train_demo_vlm,
-            "make-data": cmd_make_data, "plugins": cmd_plugins, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate}
+            "make-data": cmd_make_data, "sae-train": cmd_sae_train, "plugins": cmd_plugins, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
