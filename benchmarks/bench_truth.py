@@ -3,6 +3,9 @@ thresholds calibrated on some model families and tested on another, in one run.
 
 Families (offline explainer, 5 answers per latent, default measure ``agree``):
   demo           the shipped beta-TCVAE: latents that capture a factor are positives, the rest negatives
+  shapes2-vae    a ``train-vae`` model trained on shapes2 (data the demo never saw), when its directory is
+                 given (``--shapes2-vae DIR`` or env BENCH_TRUTH_SHAPES2_VAE); positives: latents that capture
+                 a factor on 2000 held-out shapes2 images (seed 1, made here; ``--shapes2-eval NPZ`` to read them)
   VAE models     any ``train-vae`` directory with an npz of factors (``--vae NAME=MODEL_DIR:DATA.npz``)
   random-vae     the demo architecture with random weights (seeded): every latent negative
   collapsed-vae  the demo model whose decoder ignores z (its first layer's weights zeroed): negatives
@@ -14,21 +17,67 @@ latents named clearly, and how many latents the image evidence alone rejects. Th
 out: the certainty threshold is fitted (balanced accuracy, ``calibrate_threshold``) on the other
 families and applied to the held-out one.
 
-    python benchmarks/bench_truth.py                      # about 10 minutes on a 2-core CPU
+    python benchmarks/bench_truth.py                      # about 15 minutes on a 2-core CPU
     python benchmarks/bench_truth.py --sizes 16 --quick   # a smoke run
+    latentexplainer make-data --dataset shapes2 --n 20000 --seed 0 --out s2_train.npz
+    latentexplainer train-vae --data s2_train.npz --out s2_6000 --steps 6000
+    python benchmarks/bench_truth.py --shapes2-vae s2_6000  # adds the second positive family
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 SIMILARITY = "agree"
+SHAPES2_ENV = "BENCH_TRUTH_SHAPES2_VAE"
+SHAPES2_HELD_OUT = "shapes2:2000:1"  # made in process: make-data --dataset shapes2 --n 2000 --seed 1
+
+
+def check_model_dir(model_dir: str, parser: argparse.ArgumentParser) -> str:
+    """Refuse a model directory without a config.json before any work starts."""
+    if not (Path(model_dir) / "config.json").is_file():
+        parser.error(f"{model_dir} is not a train-vae model directory (no config.json in it)")
+    return model_dir
+
+
+def parse_vae_spec(spec: str, parser: argparse.ArgumentParser) -> tuple[str, str, str]:
+    """``NAME=MODEL_DIR:DATA.npz`` -> (name, model_dir, npz), checked for existence."""
+    name, sep, rest = spec.partition("=")
+    model_dir, colon, npz = rest.rpartition(":")
+    if not (sep and colon and name and model_dir and npz):
+        parser.error(f"--vae {spec!r}: expected NAME=MODEL_DIR:DATA.npz")
+    if not Path(npz).is_file():
+        parser.error(f"--vae {spec!r}: data file {npz} does not exist")
+    return name, check_model_dir(model_dir, parser), npz
+
+
+def load_trained(model_dir: str, npz: str) -> tuple[Any, dict]:
+    """The model and its held-out data (an npz path, or ``dataset:n:seed`` made in process)."""
+    from latentexplainer_plugin.adapters.vae import load_vae
+    from latentexplainer_plugin.data import load_npz
+
+    if npz == SHAPES2_HELD_OUT:
+        from latentexplainer_plugin.data.shapes2 import make_dataset
+
+        _, n, seed = npz.split(":")
+        data = make_dataset(int(n), seed=int(seed))
+        data["factor_names"] = [str(x) for x in data["factor_names"]]
+    else:
+        data = load_npz(npz, need_factors=True)
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    size, channels = data["images"].shape[1], data["images"].shape[3]
+    if (config.get("image_size"), config.get("channels")) != (size, channels):
+        raise SystemExit(f"{model_dir} takes {config.get('image_size')}x{config.get('image_size')}x"
+                         f"{config.get('channels')} images, its data {npz} has {size}x{size}x{channels}")
+    return load_vae(model_dir), data
 
 
 @dataclass
@@ -134,7 +183,7 @@ def summary(rows: list[Row]) -> None:
 def leave_one_family_out(rows: list[Row], default: float) -> None:
     from latentexplainer_plugin.uncertainty import calibrate_threshold
 
-    print(f"\nleave one family out (threshold on certainty, fitted on the other families; clear also needs the evidence):")
+    print("\nleave one family out (threshold on certainty, fitted on the other families; clear also needs the evidence):")
     print(f"{'held out':16s} {'threshold':>9s} {'fitted on':>9s} {'false-clear':>11s} {'pos clear':>9s}")
     for fam in dict.fromkeys(r.family for r in rows):
         train = [r for r in rows if r.family != fam and r.certainty is not None]
@@ -157,8 +206,22 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=5)
     p.add_argument("--directions", type=int, default=6, help="PCA directions per random UNet")
     p.add_argument("--vae", action="append", default=[], help="NAME=MODEL_DIR:DATA.npz, a trained VAE with factors")
-    p.add_argument("--quick", action="store_true", help="fewer directions and only the demo families")
+    p.add_argument("--shapes2-vae", default=os.environ.get(SHAPES2_ENV) or None, metavar="DIR",
+                   help=f"a train-vae model trained on shapes2: the family 'shapes2-vae' (default: env {SHAPES2_ENV})")
+    p.add_argument("--shapes2-eval", default=None, metavar="NPZ",
+                   help="held-out shapes2 images with factors (default: 2000 made here with seed 1)")
+    p.add_argument("--quick", action="store_true", help="fewer UNet directions")
     args = p.parse_args()
+    # every trained family is checked before the minutes spent on the demo families
+    specs = [parse_vae_spec(s, p) for s in args.vae]
+    if args.shapes2_eval and not Path(args.shapes2_eval).is_file():
+        p.error(f"--shapes2-eval: data file {args.shapes2_eval} does not exist")
+    if args.shapes2_vae:
+        specs.insert(0, ("shapes2-vae", check_model_dir(args.shapes2_vae, p), args.shapes2_eval or SHAPES2_HELD_OUT))
+    elif args.shapes2_eval:
+        p.error("--shapes2-eval needs --shapes2-vae DIR (or env BENCH_TRUTH_SHAPES2_VAE)")
+    if len({name for name, _, _ in specs}) != len(specs):
+        p.error("two trained families share a name: " + ", ".join(name for name, _, _ in specs))
     torch.set_num_threads(1)
     from latentexplainer_plugin import load_demo_model
     from latentexplainer_plugin.demo import demo_data
@@ -174,14 +237,10 @@ def main() -> None:
         t = time.perf_counter()
         rows += vae_family(name, model, d, args.samples)
         timing[name] = time.perf_counter() - t
-    for spec in args.vae:
-        from latentexplainer_plugin.adapters.vae import load_vae
-        from latentexplainer_plugin.data import load_npz
-
-        name, _, rest = spec.partition("=")
-        model_dir, _, npz = rest.rpartition(":")
+    for name, model_dir, npz in specs:
         t = time.perf_counter()
-        rows += vae_family(name, load_vae(model_dir), load_npz(npz, need_factors=True), args.samples)
+        model, eval_data = load_trained(model_dir, npz)
+        rows += vae_family(name, model, eval_data, args.samples)
         timing[name] = time.perf_counter() - t
     for size in [int(s) for s in args.sizes.split(",") if s]:
         t = time.perf_counter()
@@ -191,6 +250,11 @@ def main() -> None:
           f"{args.samples} answers per latent\n")
     summary(rows)
     leave_one_family_out(rows, get_similarity(SIMILARITY).default_threshold)
+    print("\npositives (captured factor: explanation if clear):")
+    for r in rows:
+        if r.label:
+            print(f"  {r.family} {r.latent} {r.factor}: "
+                  + (f"[{r.certainty:.2f}] {r.explanation}" if r.clear else "not clear"))
     clear_neg = [r for r in rows if r.clear and not r.label]
     if clear_neg:
         print("\nclear negatives:")

@@ -73,15 +73,23 @@ def test_normalised_beta_scales_with_image_size_and_latents():
 
 def test_train_vae_defaults():
     cfg = default_train_config(64, 3, 10)
-    assert (cfg.steps, cfg.batch_size, cfg.warmup_steps, cfg.kl, cfg.threads) == (2000, 64, 500, "analytic", 0)
+    assert (cfg.steps, cfg.batch_size, cfg.warmup_steps, cfg.kl, cfg.threads) == (6000, 64, 1500, "analytic", 0)
     assert cfg.beta == pytest.approx(6.144) and cfg.capacity == 0
-    assert (cfg.free_bits, cfg.free_bits_steps) == (1.0, 1600)
+    assert (cfg.free_bits, cfg.free_bits_steps) == (1.0, 4800)
     short = default_train_config(64, 3, 10, steps=100)
     assert (short.warmup_steps, short.free_bits_steps) == (25, 80)
     assert default_train_config(64, 3, 10, steps=100, warmup_steps=7).warmup_steps == 7
     # the field defaults are still the original recipe that train-demo uses
     legacy = TrainConfig()
     assert (legacy.kl, legacy.warmup_steps, legacy.free_bits, legacy.capacity, legacy.recon_scale) == ("sampled", 0, 0.0, 0.0, 1.0)
+
+
+def test_cli_steps_default_is_the_trainers():
+    # the parser keeps its own copy of the number (no torch import for --help); the two must agree
+    from latentexplainer_plugin.cli.parser import build_parser
+
+    args = build_parser().parse_args(["train-vae", "--data", "x.npz", "--out", "y"])
+    assert args.steps == train_mod.DEFAULT_STEPS, "cli/parser.py DEFAULT_TRAIN_STEPS must equal models.training.DEFAULT_STEPS"
 
 
 @pytest.mark.parametrize("kwargs, message", [

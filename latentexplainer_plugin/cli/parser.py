@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-DEFAULT_TRAIN_STEPS = 2000  # = models.training.DEFAULT_STEPS (kept here so the parser needs no torch import)
+DEFAULT_TRAIN_STEPS = 6000  # = models.training.DEFAULT_STEPS (kept here so the parser needs no torch import)
 
 TRAIN_VAE_EPILOG = """\
 defaults (why each; docs/training.md has the measurements):
@@ -20,11 +20,12 @@ defaults (why each; docs/training.md has the measurements):
   threads     the free cores: 2 on an idle 2-core machine, 1 when another process keeps a core busy
               (measured on 2 shared cores: 1 thread 0.55 steps/s, 2 threads 0.28 steps/s)
 
-time: the defaults (2000 steps x 64 images of 64x64 = 128k images) take about 3 minutes on an idle
-2-core CPU (one idle core trains 730 images/s), proportionally longer when other processes share the
-cores (19 minutes, 1 thread, with 3-8 other CPU-bound jobs on the 2 cores; docs/training.md).
-Measured: on shapes2 and shapes3 these defaults capture 3 factors (background, x, y position);
-more --steps is the first thing to try for size and colour.
+time: the defaults (6000 steps x 64 images of 64x64 = 384k images) take about 9 minutes on one idle
+core (730 images/s), less with 2 idle threads, proportionally longer when other processes share the
+cores (19 minutes with 2 threads beside the test suite, 61 minutes with 1 thread beside 3-7 other
+CPU-bound jobs; docs/training.md). --steps 2000 takes a third of that and captures one factor less.
+Measured: on held-out shapes2 and shapes3 images these defaults capture 4 factors (background, x and
+y position, scale; 2000 steps: 3); hue is still missed.
 
 At the end it prints the KL of every latent, the active ones (KL > 0.05 nats) and, when the data has
 factors, the factor each captures; all of it goes into config.json under "training". It warns loudly
