@@ -32,10 +32,22 @@ TOL = 1e-5
 SEED = 11
 
 
-def tiny_vae():
+def tiny_vae(**config):
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                          up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                         norm_num_groups=8, sample_size=16).eval()
+                         norm_num_groups=8, sample_size=16, **config).eval()
+
+
+def word_tokenizer(eos: str | None = None):
+    """A word-level tokenizer over a few prompt words, built offline (no tokenizer files on the hub)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", *([eos] if eos else []), "<unk>", "a", "photo", "of", "face", "smiling", "cat"]
+    vocab = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    vocab.pre_tokenizer = pre_tokenizers.Whitespace()
+    extra = {"eos_token": eos} if eos else {}
+    return PreTrainedTokenizerFast(tokenizer_object=vocab, pad_token="<pad>", unk_token="<unk>", model_max_length=8, **extra)
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +67,7 @@ def dit_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pixart_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+    from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(0)
     transformer = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
@@ -64,11 +75,7 @@ def pixart_dir(tmp_path_factory):
                                            patch_size=2, caption_channels=16, num_embeds_ada_norm=1000).eval()
     encoder = T5EncoderModel(T5Config(vocab_size=16, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
                                       pad_token_id=0, eos_token_id=1)).eval()
-    words = ["<pad>", "</s>", "<unk>", "a", "photo", "of", "face", "smiling", "cat"]
-    vocab = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    vocab.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=vocab, pad_token="<pad>", unk_token="<unk>", eos_token="</s>",
-                                        model_max_length=8)
+    tokenizer = word_tokenizer(eos="</s>")
     root = tmp_path_factory.mktemp("pixart") / "pipe"
     PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=tiny_vae(), transformer=transformer,
                         scheduler=DPMSolverMultistepScheduler()).save_pretrained(root)
@@ -78,8 +85,7 @@ def pixart_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sdxl_dir(tmp_path_factory):
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(0)
     # added conditions: 6 size numbers x addition_time_embed_dim 8 + the pooled projection (16)
@@ -90,10 +96,7 @@ def sdxl_dir(tmp_path_factory):
                                 addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16).eval()
     config = CLIPTextConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                             max_position_embeddings=8, bos_token_id=0, eos_token_id=0, pad_token_id=0, projection_dim=16)
-    words = ["<pad>", "<unk>", "a", "photo", "of", "face", "smiling", "cat"]
-    vocab = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    vocab.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=vocab, pad_token="<pad>", unk_token="<unk>", model_max_length=8)
+    tokenizer = word_tokenizer()
     root = tmp_path_factory.mktemp("sdxl") / "pipe"
     StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=CLIPTextModel(config).eval(),
                               text_encoder_2=CLIPTextModelWithProjection(config).eval(), tokenizer=tokenizer,
@@ -105,23 +108,17 @@ def sdxl_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sd3_dir(tmp_path_factory):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     torch.manual_seed(0)
     # joint_attention_dim = the T5 width (32); pooled_projection_dim = two CLIP projections of 16
     transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=4,
                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
                                         caption_projection_dim=16, pooled_projection_dim=32).eval()
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                        norm_num_groups=8, sample_size=16, scaling_factor=1.5, shift_factor=0.1).eval()
+    vae = tiny_vae(scaling_factor=1.5, shift_factor=0.1)
     config = CLIPTextConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                             max_position_embeddings=8, bos_token_id=0, eos_token_id=0, pad_token_id=0, projection_dim=16)
-    words = ["<pad>", "<unk>", "a", "photo", "of", "face", "smiling", "cat"]
-    vocab = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    vocab.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=vocab, pad_token="<pad>", unk_token="<unk>", model_max_length=8)
+    tokenizer = word_tokenizer()
     t5 = T5EncoderModel(T5Config(vocab_size=16, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2, pad_token_id=0,
                                  eos_token_id=1)).eval()
     root = tmp_path_factory.mktemp("sd3") / "pipe"
@@ -135,23 +132,17 @@ def sd3_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def flux_dir(tmp_path_factory):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(0)
     # 1 double- and 2 single-stream blocks; in_channels = 4 latent channels x 2x2 packing; rope axes sum to the head dim
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=8,
                                          num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
                                          axes_dims_rope=(4, 2, 2), guidance_embeds=True).eval()
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                        norm_num_groups=8, sample_size=16, scaling_factor=1.5, shift_factor=0.1).eval()
+    vae = tiny_vae(scaling_factor=1.5, shift_factor=0.1)
     config = CLIPTextConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                             max_position_embeddings=8, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    words = ["<pad>", "<unk>", "a", "photo", "of", "face", "smiling", "cat"]
-    vocab = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    vocab.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=vocab, pad_token="<pad>", unk_token="<unk>", model_max_length=8)
+    tokenizer = word_tokenizer()
     t5 = T5EncoderModel(T5Config(vocab_size=16, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2, pad_token_id=0,
                                  eos_token_id=1)).eval()
     root = tmp_path_factory.mktemp("flux") / "pipe"

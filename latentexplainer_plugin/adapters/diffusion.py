@@ -289,7 +289,10 @@ class DDPMAdapter(Adapter):
         self.driver = self._make_driver(steps).eval()
         if isinstance(site, str):
             site = Site.parse(site)
-        self.site = site or hook().latentexplainer_default_site(model=self.unet) or Site("mid_block", "output")
+        self.site = site or hook().latentexplainer_default_site(model=self.unet)
+        if self.site is None:
+            raise ValueError(f"no plugin knows the default latent site of a {type(self.unet).__name__}; pass site= "
+                             "(e.g. mid_block.output)")
         resolve_module(self.driver, self.site.path)
         self.model_id = model_id or type(self.unet).__name__
         self.max_batch = max_batch

@@ -114,7 +114,10 @@ class VAEAdapter(Adapter):
         self.driver = _DecodeDriver(model).eval()
         if isinstance(site, str):
             site = Site.parse(site)
-        self.site = site or hook().latentexplainer_default_site(model=model) or Site("decoder", "input")
+        self.site = site or hook().latentexplainer_default_site(model=model)
+        if self.site is None:
+            raise ValueError(f"no plugin knows the default latent site of a {type(model).__name__} (it has no decoder "
+                             "module); pass site= (e.g. decoder.input)")
         try:
             resolve_module(self.driver, self.site.path)
         except SiteError as exc:  # name the user's model, not the internal decode wrapper
