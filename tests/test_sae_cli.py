@@ -10,19 +10,17 @@ from safetensors.torch import save_file
 from latentexplainer_plugin.cli import main
 from latentexplainer_plugin.demo import WEIGHTS_DIR
 
+try:
+    from tests.test_sae_steering import write_axis_sae
+except ImportError:  # tests/ on sys.path instead of the repository root
+    from test_sae_steering import write_axis_sae  # type: ignore
+
 SHIFT = 4.0  # b_dec = -4 keeps every feature active on N(0, I) bases: f_k = z_k + 4 > 0
 
 
 def axis_sae(folder, d=10):
     """SAELens layout, written by hand from its documented keys: decoder rows are the demo VAE's latent axes."""
-    folder.mkdir()
-    eye = torch.eye(d)
-    save_file({"W_enc": eye, "b_enc": torch.zeros(d), "W_dec": eye.clone(), "b_dec": torch.full((d,), -SHIFT)},
-              str(folder / "sae_weights.safetensors"))
-    (folder / "cfg.json").write_text(json.dumps({
-        "architecture": "standard", "d_in": d, "d_sae": d, "dtype": "float32", "apply_b_dec_to_input": True,
-        "normalize_activations": "none", "metadata": {"hook_name": "decoder.input"}}))
-    return folder
+    return write_axis_sae(folder, d, SHIFT)
 
 
 def run(tmp_path, name, *argv):

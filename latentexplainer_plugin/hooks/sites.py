@@ -65,16 +65,16 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def probe_shape(model: nn.Module, site: Site, *args, **kwargs) -> torch.Size:
-    """Shape of the activation at ``site`` for these inputs, by running the model only up to the site."""
+def site_activation(model: nn.Module, site: Site, *args, **kwargs) -> torch.Tensor:
+    """The activation at ``site`` for these inputs (detached), by running the model only up to the site."""
     module = resolve_module(model, site.path)
-    found: list[torch.Size] = []
+    found: list[torch.Tensor] = []
 
     def record(value):
         value = value[0] if isinstance(value, (tuple, list)) else value
         if not torch.is_tensor(value):
             raise SiteError(f"site {site} holds a {type(value).__name__}, not a tensor")
-        found.append(value.shape)
+        found.append(value.detach())
         raise _StopForward
 
     if site.kind == "input":
@@ -90,3 +90,8 @@ def probe_shape(model: nn.Module, site: Site, *args, **kwargs) -> torch.Size:
     if not found:
         raise SiteError(f"site {site} was never called during the forward pass of {type(model).__name__}")
     return found[0]
+
+
+def probe_shape(model: nn.Module, site: Site, *args, **kwargs) -> torch.Size:
+    """Shape of the activation at ``site`` for these inputs, by running the model only up to the site."""
+    return site_activation(model, site, *args, **kwargs).shape

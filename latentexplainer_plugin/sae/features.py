@@ -35,6 +35,7 @@ from pydantic import Field
 
 from ..adapters.base import Adapter, check_strengths
 from ..hooks import SiteError, probe_shape, resolve_module, run_with_edit
+from ..hooks.sites import site_activation
 from ..options import ComponentOptions, validate_options
 from ..types import Site, Traversal
 from .formats import load_sae
@@ -44,39 +45,6 @@ from .steering import RULE, SAEEdit
 StrengthMode = Literal["quantiles", "relative", "absolute"]
 STRENGTH_MODES = ("quantiles", "relative", "absolute")
 MAX_SAE_VALUES = 2**25  # feature activations held at once (128 MiB in float32) while encoding a chunk
-
-
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
-def site_activation(model: torch.nn.Module, site: Site, *args: Any) -> torch.Tensor:
-    """The activation at ``site`` for these inputs, running the model only up to the site."""
-    module = resolve_module(model, site.path)
-    found: list[torch.Tensor] = []
-
-    def record(value: Any) -> None:
-        value = value[0] if isinstance(value, (tuple, list)) else value
-        if not torch.is_tensor(value):
-            raise SiteError(f"site {site} holds a {type(value).__name__}, not a tensor")
-        found.append(value.detach())
-        raise _Stop
-
-    if site.kind == "input":
-        handle = module.register_forward_pre_hook(lambda m, a, kw: record(a[0] if a else next(iter(kw.values()))),
-                                                  with_kwargs=True)
-    else:
-        handle = module.register_forward_hook(lambda m, a, out: record(out))
-    try:
-        model(*args)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if not found:
-        raise SiteError(f"site {site} was never called during the forward pass of {type(model).__name__}")
-    return found[0]
 
 
 class SAEFeatureAdapter(Adapter):
