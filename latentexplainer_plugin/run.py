@@ -118,7 +118,7 @@ def explain_to_dir(explainer: LatentExplainer, out_dir: str | Path, *, target: A
     except OSError as exc:
         raise RunStoreError(
             f"results.json is complete, but report.html could not be written ({exc.strerror or exc}); "
-            "free some space and rerun with --resume to write it"
+            "free some space and run again with resume=True to write it"
         ) from exc
     return data
 

@@ -271,7 +271,7 @@ def _write_error(path: Path, exc: OSError, kept: int) -> RunStoreError:
     what = "disk full" if exc.errno in _NO_SPACE else f"cannot write ({exc.strerror or exc})"
     return RunStoreError(
         f"{what} while writing {path}: the {kept} latent(s) finished before are kept in results.json; "
-        "free some space (or fix the directory), then rerun the same command with --resume"
+        "free some space (or fix the directory), then run again with resume=True"
     )
 
 
@@ -309,17 +309,17 @@ class RunStore:
                     data = read_results(existing, check_entries=False)  # entries: checked one by one below
                 except ValueError as exc:
                     raise RunStoreError(
-                        f"{exc}. It cannot be resumed: use another --out directory, or --force to overwrite it"
+                        f"{exc}. It cannot be resumed: use another output directory, or force=True to overwrite it"
                     ) from None
                 if data.get("settings") != self.settings:
                     diff = _differences(data.get("settings") or {}, self.settings)
                     raise RunStoreError(
-                        f"{self.dir} holds a run with other settings ({diff}); use another --out directory, "
-                        "or --force to overwrite it"
+                        f"{self.dir} holds a run with other settings ({diff}); use another output directory, "
+                        "or force=True to overwrite it"
                     )
                 if not resume and data["latents"]:
                     raise RunStoreError(
-                        f"{self.dir} already holds results of this run; pass --resume to continue it or --force to start over"
+                        f"{self.dir} already holds results of this run; pass resume=True to continue it or force=True to start over"
                     )
                 self.entries, notes = self._checked_entries(data["latents"], targets, n_latents)
                 if notes:
@@ -369,7 +369,7 @@ class RunStore:
         key = str(self.dir.resolve())
         with _held_guard:
             if key in _held:
-                raise RunStoreError(f"{self.dir} is in use by another run in this process; wait for it or use another --out")
+                raise RunStoreError(f"{self.dir} is in use by another run in this process; wait for it or use another output directory")
             _held.add(key)
         try:
             if fcntl is None or not self._flock():
@@ -395,7 +395,7 @@ class RunStore:
                 os.close(fd)
                 if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise RunStoreError(
-                        f"{self.dir} is in use by another run (process {holder}); wait for it or use another --out"
+                        f"{self.dir} is in use by another run (process {holder}); wait for it or use another output directory"
                     ) from None
                 if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                     return False
@@ -426,7 +426,7 @@ class RunStore:
                 except (OSError, ValueError):
                     pid = 0
                 if pid and pid != os.getpid() and _pid_alive(pid):
-                    raise RunStoreError(f"{self.dir} is in use by another run (process {pid}); wait for it or use another --out") from None
+                    raise RunStoreError(f"{self.dir} is in use by another run (process {pid}); wait for it or use another output directory") from None
                 lock.unlink(missing_ok=True)  # stale lock of a process that died
                 continue
             with os.fdopen(fd, "w") as f:

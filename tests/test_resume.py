@@ -288,7 +288,7 @@ def test_interrupt_in_process_then_resume_calls_backend_only_for_the_rest(tiny_v
     assert data["status"] == "interrupted" and [e["id"] for e in data["latents"]] == ["z0", "z1"]
     assert not (out / LOCK).exists()
 
-    with pytest.raises(RunStoreError, match="--resume"):  # not silently redone or mixed
+    with pytest.raises(RunStoreError, match="resume=True"):  # not silently redone or mixed
         explain_to_dir(make_explainer(tiny_vae, CountingBackend()), out, progress=False)
     second = CountingBackend()
     final = explain_to_dir(make_explainer(tiny_vae, second), out, resume=True, progress=False)
@@ -384,10 +384,10 @@ def test_other_settings_are_refused_unless_force(tmp_path):
     store.finish()
     other = SETTINGS | {"samples": 5}
     for resume in (False, True):
-        with pytest.raises(RunStoreError, match=r"other settings \(samples: 2 -> 5\).*--force"):
+        with pytest.raises(RunStoreError, match=r"other settings \(samples: 2 -> 5\).*force=True"):
             RunStore(tmp_path, {}, other, resume=resume)
     assert read_results(tmp_path / RESULTS)["settings"]["samples"] == 2  # untouched
-    with pytest.raises(RunStoreError, match="pass --resume to continue it or --force"):
+    with pytest.raises(RunStoreError, match="pass resume=True to continue it or force=True"):
         RunStore(tmp_path, {}, SETTINGS)
     forced = RunStore(tmp_path, {}, other, force=True)
     assert forced.entries == {} and read_results(tmp_path / RESULTS)["latents"] == []
@@ -396,7 +396,7 @@ def test_other_settings_are_refused_unless_force(tmp_path):
 
 def test_unreadable_results_json_is_refused_with_a_way_out(tmp_path):
     (tmp_path / RESULTS).write_text('{"schema_version": 1, "latents": [')
-    with pytest.raises(RunStoreError, match="not valid JSON.*--force"):
+    with pytest.raises(RunStoreError, match="not valid JSON.*force=True"):
         RunStore(tmp_path, {}, SETTINGS, resume=True)
     assert (tmp_path / RESULTS).read_text() == '{"schema_version": 1, "latents": ['
     RunStore(tmp_path, {}, SETTINGS, force=True).release()

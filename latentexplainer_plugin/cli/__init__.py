@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import UsageError
-from .common import (EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED, _internal_error, _PipeSafeStdout,
+from .common import (EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED, _internal_error, _PipeSafeStdout, in_flag_words,
                      _show_warning, _terminate, check_int_limits, check_out)
 from .data import cmd_make_data
 from .evaluate import cmd_calibrate, cmd_evaluate
@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_out(args)
         return COMMANDS[args.command](args)
     except (UsageError, LoadError, RunStoreError, BackendError) as exc:
-        print(f"latentexplainer {args.command}: error: {exc}", file=sys.stderr)
+        print(f"latentexplainer {args.command}: error: {in_flag_words(str(exc))}", file=sys.stderr)
         out = getattr(args, "out", None)
         if isinstance(exc, FatalBackendError) and out and (Path(out) / "results.json").is_file():
             print(f"Finished latents are saved in {out}; fix the cause, then rerun the same command with --resume.",

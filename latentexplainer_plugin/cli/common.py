@@ -148,3 +148,20 @@ def _internal_error(command: str, exc: BaseException, args: argparse.Namespace |
     print(f"latentexplainer {command}: internal error: {type(exc).__name__}{': ' + summary if summary else ''}\n"
           f"{cause}; the full traceback was {where} (please attach it to a bug report).", file=sys.stderr)
     return EXIT_INTERNAL_ERROR
+
+
+#: Library words for the run's settings -> the flags that set them (library messages speak in the
+#: first, the command line prints the second). Longer phrases first.
+FLAG_WORDS = (
+    ("run again with resume=True", "rerun the same command with --resume"),
+    ("another output directory", "another --out directory"),
+    ("resume=True", "--resume"),
+    ("force=True", "--force"),
+)
+
+
+def in_flag_words(text: str) -> str:
+    """A library message as the command line says it (see :data:`FLAG_WORDS`)."""
+    for library, flag in FLAG_WORDS:
+        text = text.replace(library, flag)
+    return text
