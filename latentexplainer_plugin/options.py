@@ -120,8 +120,9 @@ def validate_options(component: Any, values: dict[str, Any], owner: str) -> dict
 
 def _at_least(low: float, what: str = ""):
     def check(value: Any) -> Any:
-        if value is not None and value < low:
-            raise ValueError(f"must be >= {low:g}{what}, got {value}")
+        if value is not None and (value < low or (isinstance(value, float) and not math.isfinite(value))):
+            raise ValueError(f"must be >= {low:g}{what} (a finite number), got {value}" if isinstance(value, float)
+                             else f"must be >= {low:g}{what}, got {value}")
         return value
     return AfterValidator(check)
 

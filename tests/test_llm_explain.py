@@ -232,8 +232,8 @@ def test_missing_key_exits_2_before_any_request(tiny_vae, server, tmp_path, monk
         (["--backend", "openai:"], "--backend openai:MODEL needs a model name, e.g. openai:gpt-4o"),
         (["--backend", "openai"], "--backend openai:MODEL needs a model name"),
         (["--concurrency", "0"], "--concurrency must be >= 1, got 0"),
-        (["--timeout", "0"], "--timeout must be > 0 seconds, got 0.0"),
-        (["--timeout", "-1"], "--timeout must be > 0 seconds"),
+        (["--timeout", "0"], "--timeout must be a finite number of seconds > 0, got 0.0"),
+        (["--timeout", "-1"], "--timeout must be a finite number of seconds > 0"),
         (["--max-retries", "-1"], "--max-retries must be >= 0, got -1"),
         (["--base-url", "ftp://127.0.0.1/v1"], "--base-url must be an http:// or https:// URL, got 'ftp://127.0.0.1/v1'"),
         (["--base-url", "localhost:11434/v1"], "--base-url must be an http:// or https:// URL"),
@@ -396,8 +396,8 @@ def test_credentials_and_key_are_scrubbed_from_every_output(tiny_vae, tmp_path, 
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--timeout", "inf"], "--timeout must be > 0 seconds, got inf"),
-    (["--timeout", "nan"], "--timeout must be > 0 seconds, got nan"),
+    (["--timeout", "inf"], "--timeout must be a finite number of seconds > 0, got inf"),
+    (["--timeout", "nan"], "--timeout must be a finite number of seconds > 0, got nan"),
     (["--api-key-env", KEY], "--api-key-env takes the NAME of an environment variable"),
 ])
 def test_non_finite_timeouts_and_keys_as_variable_names_are_refused(tiny_vae, server, tmp_path, capsys, args, message):

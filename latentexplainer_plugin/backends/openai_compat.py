@@ -62,7 +62,7 @@ import httpx
 from pydantic import AfterValidator, Field
 
 from ..errors import OptionError
-from ..options import ComponentOptions, EnvName, HttpUrl, NonNegativeFloat, NonNegativeInt, PositiveInt
+from ..options import ComponentOptions, EnvName, HttpUrl, NonNegativeFloat, NonNegativeInt, PositiveInt, validate_options
 from ..redaction import redact_url, url_secrets  # noqa: F401 (re-exported)
 from ..types import Prompt, Response, Traversal
 from .base import Backend, BackendError, FatalBackendError
@@ -116,10 +116,6 @@ def check_env_name(name: Any) -> str:
             "the key itself: export the key in a variable and pass that variable's name"
         )
     return name
-
-
-def _finite_positive(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def check_reachable(url: str, timeout: float = 5.0) -> None:
@@ -246,7 +242,7 @@ def _shutdown(sock: socket.socket) -> None:
 
 def _positive_seconds(value: float) -> float:
     if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"must be > 0 seconds, got {value} (a finite number: the deadline of one whole request)")
+        raise ValueError(f"must be a finite number of seconds > 0, got {value} (the deadline of one whole request)")
     return value
 
 
@@ -327,20 +323,10 @@ class OpenAICompatBackend(Backend):
     ) -> None:
         if not isinstance(model, str) or not model.strip():
             raise ValueError(f"model must be a non-empty string, got {model!r}")
-        parts = urlsplit(base_url) if isinstance(base_url, str) else None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
-            shown = redact_url(base_url) if isinstance(base_url, str) else base_url
-            raise ValueError(f"base_url must be an http:// or https:// URL, got {shown!r}")
-        if not _finite_positive(timeout):
-            raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
-        if max_retries < 0:
-            raise ValueError(f"max_retries must be >= 0, got {max_retries!r}")
-        if concurrency < 1:
-            raise ValueError(f"concurrency must be >= 1, got {concurrency!r}")
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {max_tokens!r}")
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        # the declared options check themselves (the same checks the command line runs): written once
+        validate_options(type(self), {"base_url": base_url, "api_key_env": api_key_env, "timeout": timeout,
+                                      "max_retries": max_retries, "concurrency": concurrency,
+                                      "temperature": temperature, "max_new_tokens": max_tokens}, "the openai backend")
         if not all(isinstance(b, (int, float)) and math.isfinite(b) and b >= 0 for b in (backoff_base, backoff_max)):
             raise ValueError(f"backoff_base and backoff_max must be finite and >= 0, got {backoff_base!r}, {backoff_max!r}")
         check_env_name(api_key_env)
