@@ -133,17 +133,10 @@ def _finite_positive(value: Any) -> Any:
     return value
 
 
-def _unit_interval(value: Any) -> Any:
-    if value is not None and not 0.0 <= value <= 1.0:
-        raise ValueError(f"must be in [0, 1], got {value}")
-    return value
-
-
 PositiveInt = Annotated[int, _at_least(1)]
 NonNegativeInt = Annotated[int, _at_least(0)]
 PositiveFloat = Annotated[float, AfterValidator(_finite_positive)]
 NonNegativeFloat = Annotated[float, _at_least(0)]
-UnitFloat = Annotated[float, AfterValidator(_unit_interval)]
 
 
 def _dtype(value: Any) -> Any:

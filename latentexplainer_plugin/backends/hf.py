@@ -28,13 +28,13 @@ import io
 import os
 import threading
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from ..devices import DTYPES, check_device, dtype_name
 from ..errors import OptionError
-from ..options import ComponentOptions, DtypeName, NonNegativeInt, PositiveFloat, PositiveInt, UnitFloat
+from ..options import ComponentOptions, DtypeName, NonNegativeInt, PositiveFloat, PositiveInt, validate_options
 from ..types import Prompt, Response, Traversal
 from .base import Backend, BackendError
 from .responses import clean_response
@@ -126,6 +126,18 @@ def _fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _nucleus(value: float) -> float:
+    if not 0 < value <= 1:
+        raise ValueError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _image_side(value: int) -> int:
+    if value < 16:
+        raise ValueError(f"must be >= 16 pixels, got {value}")
+    return value
+
+
 class HFOptions(ComponentOptions):
     """Options of the ``hf`` backend (``--backend hf:PATH_OR_ID``)."""
 
@@ -133,9 +145,9 @@ class HFOptions(ComponentOptions):
     dtype: Optional[DtypeName] = Field(None, description="float32 | float16 | bfloat16 (default float32 on CPU, bfloat16 on CUDA)")
     max_new_tokens: PositiveInt = Field(120, description="most tokens per answer")
     min_new_tokens: Optional[NonNegativeInt] = Field(None, description="fewest tokens per answer")
-    temperature: PositiveFloat = Field(1.0, description="sampling temperature (the n answers are sampled)")
-    top_p: Optional[UnitFloat] = Field(None, description="nucleus sampling mass in (0, 1]")
-    max_image_side: PositiveInt = Field(448, description="prompt images are shrunk to at most this many pixels per side")
+    temperature: PositiveFloat = Field(1.0, description="sampling temperature > 0 (the n answers are drawn with do_sample=True)")
+    top_p: Optional[Annotated[float, AfterValidator(_nucleus)]] = Field(None, description="nucleus sampling mass in (0, 1]")
+    max_image_side: Annotated[int, AfterValidator(_image_side)] = Field(448, description="prompt images are shrunk to at most this many pixels per side (>= 16)")
     trust_remote_code: bool = Field(False, description="passed to from_pretrained")
     allow_pickle: bool = Field(False, description="accept weights saved only as pickle (read with weights_only=True)")
     cache_dir: Optional[str] = Field(None, description="response cache directory (default ~/.cache/latentexplainer/responses)")
@@ -199,16 +211,12 @@ class HFBackend(Backend):
     ) -> None:
         if path_or_id is None or not str(path_or_id).strip():
             raise ValueError("the hf backend needs a model directory or hub id: --backend hf:PATH_OR_ID")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        if min_new_tokens is not None and not 0 <= int(min_new_tokens) <= max_new_tokens:
+        # the declared options check themselves (the same checks the command line runs): written once
+        validate_options(type(self), {"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
+                                      "temperature": temperature, "top_p": top_p, "max_image_side": max_image_side},
+                         "the hf backend")
+        if min_new_tokens is not None and min_new_tokens > max_new_tokens:  # across two options
             raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens!r}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (the n samples are drawn with do_sample=True), got {temperature!r}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-        if max_image_side < 16:
-            raise ValueError(f"max_image_side must be >= 16 pixels, got {max_image_side!r}")
         self.path_or_id = str(path_or_id)
         self.device = check_device(device)
         self.dtype = resolve_dtype(dtype, self.device)

@@ -9,12 +9,12 @@ depends on the other latents is weakened or dropped.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
-from ..options import ComponentOptions, NonNegativeFloat, PositiveFloat, UnitFloat
+from ..options import ComponentOptions, NonNegativeFloat, PositiveFloat, validate_options
 from ..types import Prompt, Response, Traversal
 from . import measure as M
 from .base import Backend, BackendError
@@ -122,11 +122,17 @@ def structured_claims(parts: list[str], effects: dict[str, float], hues: tuple[f
     return out
 
 
+def _fraction(value: float) -> float:
+    if not 0 < value <= 1:
+        raise ValueError(f"must be in (0, 1], got {value}")
+    return value
+
+
 class OfflineOptions(ComponentOptions):
     """Options of the ``offline`` measurement explainer."""
 
     min_effect: PositiveFloat = Field(0.15, description="smallest consistent normalised effect that is named (else it abstains)")
-    secondary_ratio: UnitFloat = Field(0.6, description="a second change is named when at least this fraction of the first")
+    secondary_ratio: Annotated[float, AfterValidator(_fraction)] = Field(0.6, description="a second change is named when at least this fraction (0, 1] of the first")
     min_pixel_change: NonNegativeFloat = Field(0.002, description="mean frame-to-frame change below which a row is static")
     min_contrast: NonNegativeFloat = Field(M.MIN_CONTRAST, description="colour distance from the background an object needs")
     max_angle: PositiveFloat = Field(45.0, description="largest rotation searched, degrees")
@@ -160,12 +166,10 @@ class OfflineBackend(Backend):
         max_angle: float = 45.0,
         angle_step: float = 3.0,
     ) -> None:
-        if min_effect <= 0:
-            raise ValueError(f"min_effect must be > 0, got {min_effect}")
-        if not 0 < secondary_ratio <= 1:
-            raise ValueError(f"secondary_ratio must be in (0, 1], got {secondary_ratio}")
-        if angle_step <= 0 or max_angle <= 0:
-            raise ValueError(f"max_angle and angle_step must be > 0, got {max_angle} and {angle_step}")
+        # the declared options check themselves (the same checks the command line runs): written once
+        validate_options(type(self), {"min_effect": min_effect, "secondary_ratio": secondary_ratio,
+                                      "min_pixel_change": min_pixel_change, "min_contrast": min_contrast,
+                                      "max_angle": max_angle, "angle_step": angle_step}, "the offline backend")
         self.min_effect = float(min_effect)
         self.secondary_ratio = float(secondary_ratio)
         self.min_pixel_change = float(min_pixel_change)
