@@ -47,7 +47,10 @@ class ComponentOptions(BaseModel):
 
 
 def options_of(component: Any) -> type[ComponentOptions]:
-    """The ``Options`` model a component (class or factory) declares; an empty one when it declares none."""
+    """The ``Options`` model a component (class or factory) declares, or ``component`` itself when it is
+    an ``Options`` model; an empty one when it declares none."""
+    if isinstance(component, type) and issubclass(component, ComponentOptions):
+        return component
     declared = getattr(component, "Options", None)
     if isinstance(declared, type) and issubclass(declared, ComponentOptions):
         return declared

@@ -29,7 +29,7 @@ from torch import nn
 from pydantic import Field
 
 from ..hooks import capture, check_finite, probe_shape, resolve_module, run_with_edit
-from ..options import ComponentOptions, DtypeName, NonNegativeInt, PositiveInt, SiteName
+from ..options import ComponentOptions, DtypeName, NonNegativeInt, PositiveInt, SiteName, validate_options
 from ..plugins import hook
 from ..safe_load import LoadError
 from ..types import Edit, Site, Traversal
@@ -273,10 +273,9 @@ class DDPMAdapter(Adapter):
         for needed in ("set_timesteps", "step"):
             if not callable(getattr(scheduler, needed, None)):
                 raise TypeError(f"scheduler {type(scheduler).__name__} has no {needed}(); pass a diffusers scheduler")
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        # the declared options check themselves (the same checks the command line runs): written once
+        scale = validate_options(DDPMOptions, {"steps": steps, "max_batch": max_batch, "edit_scale": scale, "t_edit": t_edit},
+                                 f"the {self.name} adapter")["edit_scale"]
         if calibration_samples < 2:
             raise ValueError(f"calibration_samples must be >= 2 (a standard deviation needs two samples), got {calibration_samples}")
         self.dtype = parse_dtype(dtype)
@@ -297,8 +296,6 @@ class DDPMAdapter(Adapter):
         self.model_id = model_id or type(self.unet).__name__
         self.max_batch = max_batch
         self.calibration_samples = calibration_samples
-        if not (scale == "auto" or (isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0)):
-            raise ValueError(f"scale must be 'auto' or a positive number, got {scale!r}")
         self.scale = scale
         self.timesteps = self.driver.timesteps()
         if any(a < b for a, b in zip(self.timesteps, self.timesteps[1:])):

@@ -24,7 +24,7 @@ from torch import nn
 from pydantic import Field
 
 from ..hooks import SiteError, resolve_module
-from ..options import ComponentOptions, PositiveInt, SiteName
+from ..options import ComponentOptions, PositiveInt, SiteName, validate_options
 from ..plugins import hook
 from ..types import Site
 from .vae import VAEAdapter
@@ -126,8 +126,7 @@ class GeneratorAdapter(VAEAdapter):
         except SiteError as exc:
             raise SiteError(str(exc).replace(type(self.driver).__name__, type(model).__name__, 1)) from None
         self.latent_dim = dim
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        validate_options(self.Options, {"max_batch": max_batch}, "the generator adapter")  # the declared check
         self.max_batch = max_batch
         self.device = torch.device(device)
         self._features = None

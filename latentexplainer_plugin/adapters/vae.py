@@ -19,7 +19,7 @@ from torch import nn
 from pydantic import Field
 
 from ..hooks import SiteError, check_finite, probe_shape, resolve_module, run_with_edit
-from ..options import ComponentOptions, PositiveInt, SiteName
+from ..options import ComponentOptions, PositiveInt, SiteName, validate_options
 from ..plugins import hook
 from ..types import Edit, Site, Traversal
 from .base import Adapter, check_strengths
@@ -129,8 +129,7 @@ class VAEAdapter(Adapter):
         if not hi > lo:
             raise ValueError(f"output_range must be (low, high) with high > low, got {output_range}")
         self.output_range = (float(lo), float(hi))
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        validate_options(VAEOptions, {"max_batch": max_batch}, "the vae adapter")  # the declared check
         self.max_batch = max_batch
         self.device = torch.device(device)
         self._features: tuple[int, ...] | None = None
