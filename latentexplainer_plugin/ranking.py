@@ -476,20 +476,6 @@ class RankThenExplain:
         return results
 
 
-# -- command line: --rank-by METHOD --score SCORE --top-k K ---------------------------------------
-
-def check_cli_options(rank_by: str | None, score: str | None, top_k: int | None) -> None:
-    """Validate the ranking flags before any model is loaded; raises ValueError saying what to change."""
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"--top-k must be >= 1, got {top_k}")
-    if rank_by is None and score is None and top_k is not None:
-        raise ValueError("--top-k picks the most important latents of a ranking: add --rank-by METHOD (e.g. IntegratedGradients)")
-    if rank_by is not None:
-        check_method_spec(rank_by)
-    if score is not None:
-        resolve_score(score)
-
-
 def score_attribution(traversal: Any, score: Any = None, n_steps: int = 16) -> np.ndarray | None:
     """(H, W, C): IG of ``score`` over the image, from the traversal's first step to its last.
 

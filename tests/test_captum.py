@@ -15,8 +15,9 @@ from torch import nn
 from latentexplainer_plugin import LatentExplainer, LatentScore, RankThenExplain, TraversalSensitivity, rank_latents
 from latentexplainer_plugin.adapters.vae import VAEAdapter
 from latentexplainer_plugin.ranking import (
-    RankedLatents, attribution_methods, check_cli_options, check_method_spec, make_method, resolve_score,
+    RankedLatents, attribution_methods, check_method_spec, make_method, resolve_score,
 )
+from latentexplainer_plugin.cli.explain import check_ranking_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMN_SUMS = torch.tensor([3.0, 1.0, 8.0, 0.5, 5.0])  # expected order: z2, z4, z0, z1, z3
@@ -194,7 +195,7 @@ def test_bad_methods_and_scores_say_what_to_do(linear):
         resolve_score("brightness")
     assert resolve_score("latentexplainer_plugin.ranking:contrast")[1] == "latentexplainer_plugin.ranking:contrast"
     with pytest.raises(ValueError, match="--rank-by"):
-        check_cli_options(None, None, 3)
+        check_ranking_flags(None, None, 3)
 
 
 # -- rank, then explain ----------------------------------------------------------------------------

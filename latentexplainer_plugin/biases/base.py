@@ -51,7 +51,7 @@ def build_prompt(bias: InductiveBias, traversal: Traversal, context: Mapping[str
     context = dict(context or {})
     missing = [k for k in bias.requires if not context.get(k)]
     if missing:
-        raise ValueError(f"the {bias.name!r} bias needs {', '.join(missing)} (e.g. --property for conditional directions)")
+        raise ValueError(f"the {bias.name!r} bias needs {', '.join(missing)} (e.g. context={{'property': 'smiling'}} for conditional directions)")
     clamped = traversal.meta.get("clamped")
     context.setdefault("latent", traversal.latent_id)
     context.setdefault("other", f"z{clamped}" if clamped is not None else "the other latents")

@@ -80,12 +80,24 @@ def _check_common(args: argparse.Namespace) -> tuple[list[float] | None, list[in
         raise UsageError(str(exc)) from None
     check_device(args.device)
     try:
-        from ..ranking import check_cli_options
-
-        check_cli_options(getattr(args, "rank_by", None), getattr(args, "score", None), getattr(args, "top_k", None))
+        check_ranking_flags(getattr(args, "rank_by", None), getattr(args, "score", None), getattr(args, "top_k", None))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     return strengths, _parse_ints(args.latents, "latents")
+
+
+def check_ranking_flags(rank_by: str | None, score: str | None, top_k: int | None) -> None:
+    """Validate the ranking flags before any model is loaded; raises ValueError saying what to change."""
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {top_k}")
+    if rank_by is None and score is None and top_k is not None:
+        raise ValueError("--top-k picks the most important latents of a ranking: add --rank-by METHOD (e.g. IntegratedGradients)")
+    from ..ranking import check_method_spec, resolve_score
+
+    if rank_by is not None:
+        check_method_spec(rank_by)
+    if score is not None:
+        resolve_score(score)
 
 
 def _check_out(out: Path) -> None:
