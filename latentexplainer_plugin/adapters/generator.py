@@ -126,7 +126,7 @@ class GeneratorAdapter(VAEAdapter):
         except SiteError as exc:
             raise SiteError(str(exc).replace(type(self.driver).__name__, type(model).__name__, 1)) from None
         self.latent_dim = dim
-        validate_options(self.Options, {"max_batch": max_batch}, "the generator adapter")  # the declared check
+        validate_options(GeneratorAdapter.Options, {"max_batch": max_batch}, "the generator adapter")  # its own declaration (subclasses may declare other options)
         self.max_batch = max_batch
         self.device = torch.device(device)
         self._features = None

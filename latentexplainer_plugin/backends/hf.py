@@ -212,7 +212,7 @@ class HFBackend(Backend):
         if path_or_id is None or not str(path_or_id).strip():
             raise ValueError("the hf backend needs a model directory or hub id: --backend hf:PATH_OR_ID")
         # the declared options check themselves (the same checks the command line runs): written once
-        validate_options(type(self), {"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
+        validate_options(HFOptions, {"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
                                       "temperature": temperature, "top_p": top_p, "max_image_side": max_image_side},
                          "the hf backend")
         if min_new_tokens is not None and min_new_tokens > max_new_tokens:  # across two options

@@ -167,7 +167,7 @@ class OfflineBackend(Backend):
         angle_step: float = 3.0,
     ) -> None:
         # the declared options check themselves (the same checks the command line runs): written once
-        validate_options(type(self), {"min_effect": min_effect, "secondary_ratio": secondary_ratio,
+        validate_options(OfflineOptions, {"min_effect": min_effect, "secondary_ratio": secondary_ratio,
                                       "min_pixel_change": min_pixel_change, "min_contrast": min_contrast,
                                       "max_angle": max_angle, "angle_step": angle_step}, "the offline backend")
         self.min_effect = float(min_effect)

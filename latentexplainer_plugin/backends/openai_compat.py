@@ -324,7 +324,7 @@ class OpenAICompatBackend(Backend):
         if not isinstance(model, str) or not model.strip():
             raise ValueError(f"model must be a non-empty string, got {model!r}")
         # the declared options check themselves (the same checks the command line runs): written once
-        validate_options(type(self), {"base_url": base_url, "api_key_env": api_key_env, "timeout": timeout,
+        validate_options(OpenAIOptions, {"base_url": base_url, "api_key_env": api_key_env, "timeout": timeout,
                                       "max_retries": max_retries, "concurrency": concurrency,
                                       "temperature": temperature, "max_new_tokens": max_tokens}, "the openai backend")
         if not all(isinstance(b, (int, float)) and math.isfinite(b) and b >= 0 for b in (backoff_base, backoff_max)):

@@ -86,7 +86,7 @@ class SAEFeatureAdapter(Adapter):
                  features: Sequence[int] | None = None, strengths: str = "quantiles", stats_bases: int = 256,
                  stats_seed: int = 1, feature_axis: int | None = None, dense_frequency: float = 0.5,
                  allow_pickle: bool = False):
-        validate_options(type(self), {"strengths": strengths, "stats_bases": stats_bases, "stats_seed": stats_seed,
+        validate_options(SAEFeatureAdapter.Options, {"strengths": strengths, "stats_bases": stats_bases, "stats_seed": stats_seed,
                                       "feature_axis": feature_axis, "dense_frequency": dense_frequency},
                          "the sae adapter")
         if not (isinstance(getattr(inner, "driver", None), torch.nn.Module) and isinstance(getattr(inner, "site", None), Site)
