@@ -217,3 +217,16 @@ def test_a_closed_stdout_pipe_ends_quietly(tmp_path):
     assert run.returncode == 0, run.stderr
     for text in ("Traceback", "BrokenPipeError", "Exception ignored"):
         assert text not in run.stderr, run.stderr
+
+
+def test_library_words_become_flags_only_on_the_command_line():
+    from latentexplainer_plugin.cli.common import in_flag_words
+    from latentexplainer_plugin.directions.finders import labelled_images
+
+    with pytest.raises(ValueError) as info:
+        labelled_images(None)
+    library = str(info.value)
+    assert "data=" in library and "--data" not in library
+    assert in_flag_words(library).startswith("the conditional finder needs labelled data (--data): an npz with images")
+    assert in_flag_words("pass resume=True to continue it or force=True to start over; use another output directory") == \
+        "pass --resume to continue it or --force to start over; use another --out directory"

@@ -157,6 +157,7 @@ FLAG_WORDS = (
     ("another output directory", "another --out directory"),
     ("resume=True", "--resume"),
     ("force=True", "--force"),
+    ("labelled data (data=): a dict in the npz layout", "labelled data (--data): an npz"),
 )
 
 

@@ -122,8 +122,8 @@ def labelled_images(data: dict[str, Any] | None) -> tuple[Any, Any, list[str]]:
     import torch
 
     if data is None or "factors" not in data:
-        raise ValueError("the conditional finder needs labelled data (--data): an npz with images (N,H,W,C) uint8 "
-                         "and binary factors (N,K)")
+        raise ValueError("the conditional finder needs labelled data (data=): a dict in the npz layout with images "
+                         "(N,H,W,C) uint8 and binary factors (N,K)")
     factors = np.asarray(data["factors"])
     names = list(data.get("factor_names") or [f"factor{k}" for k in range(factors.shape[1])])
     keep = [k for k in range(factors.shape[1]) if len(np.unique(factors[:, k])) == 2]
