@@ -103,8 +103,7 @@ class GeneratorAdapter(VAEAdapter):
             if latent_dim is not None:
                 latent_shape = (int(latent_dim), *found[1:]) if found else (int(latent_dim),)
             elif found is None:
-                raise ValueError(f"cannot tell the latent size of {type(model).__name__}: pass latent_dim= "
-                                 f"(--latent-dim on the command line)")
+                raise ValueError(f"cannot tell the latent size of {type(model).__name__}: pass latent_dim=N (the size of z)")
             else:
                 latent_shape = found
         latent_shape = tuple(int(v) for v in latent_shape)

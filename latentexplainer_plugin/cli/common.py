@@ -158,6 +158,7 @@ FLAG_WORDS = (
     ("resume=True", "--resume"),
     ("force=True", "--force"),
     ("labelled data (data=): a dict in the npz layout", "labelled data (--data): an npz"),
+    ("pass latent_dim=N", "pass --latent-dim N"),
 )
 
 
