@@ -119,7 +119,7 @@ def load_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, torc
     if not allow_pickle:
         raise LoadError(
             f"{path} is a pickle-based checkpoint; pickles can run arbitrary code when loaded, so they are "
-            "refused by default. Convert it to .safetensors, or pass --allow-pickle to load it with "
+            "refused by default. Convert it to .safetensors, or pass allow_pickle=True to load it with "
             "torch.load(weights_only=True)."
         )
     try:
@@ -156,7 +156,7 @@ def find_weights(directory: str | Path, name: str = "model.safetensors", allow_p
             raise LoadError(
                 f"{directory} has no {name}, only the pickle-based checkpoint {pickles[0].name}; pickles can run "
                 "arbitrary code when loaded, so they are refused by default. Convert it to .safetensors, or pass "
-                "--allow-pickle to load it with torch.load(weights_only=True)."
+                "allow_pickle=True to load it with torch.load(weights_only=True)."
             )
         return load_weights(pickles[0], allow_pickle=True)
     raise LoadError(f"{directory} has no {name}; a model directory needs config.json and {name}")

@@ -490,7 +490,7 @@ def test_pickled_diffusers_unet_needs_allow_pickle_then_loads_the_same_weights(p
 
     with pytest.raises(LoadError, match="only the pickle-based diffusion_pytorch_model.bin"):
         load_ddpm(p.root / "ddpm-pickled")
-    with pytest.raises(LoadError, match="--allow-pickle"):
+    with pytest.raises(LoadError, match="allow_pickle=True"):
         DDPMAdapter.from_pretrained(p.root / "ddpm-pickled", steps=2)
     unet, _ = load_ddpm(p.root / "ddpm-pickled", allow_pickle=True)
     expected = p.unet.state_dict()
@@ -668,7 +668,7 @@ def test_pickled_stable_diffusion_parts_need_allow_pickle(tmp_path):
     parts = tiny_sd_pipeline(tmp_path / "sd", safe=False)
     pickled = {name: sorted(f.name for f in (tmp_path / "sd" / name).iterdir() if f.suffix == ".bin") for name in parts}
     assert all(pickled.values()), pickled  # each part really was saved as a pickle
-    with pytest.raises(LoadError, match=r"sd/unet \(unet\) has no .safetensors weights.*--allow-pickle"):
+    with pytest.raises(LoadError, match=r"sd/unet \(unet\) has no .safetensors weights.*allow_pickle=True"):
         load_stable_diffusion(tmp_path / "sd")
     loaded = load_stable_diffusion(tmp_path / "sd", allow_pickle=True)
     for name, part in parts.items():

@@ -99,7 +99,7 @@ def check_pickle_policy(folder: str | Path, allow_pickle: bool, what: str = "mod
             f"{folder} ({what}) has no .safetensors weights, only the pickle-based {pickles[0]}; pickles can run "
             "arbitrary code when loaded, so they are refused by default. Convert it to safetensors "
             "(load it once where you trust it and save_pretrained(dir, safe_serialization=True)), or pass "
-            "--allow-pickle to load it with torch.load(weights_only=True)."
+            "allow_pickle=True to load it with torch.load(weights_only=True)."
         )
 
 

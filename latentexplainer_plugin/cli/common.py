@@ -159,6 +159,7 @@ FLAG_WORDS = (
     ("force=True", "--force"),
     ("labelled data (data=): a dict in the npz layout", "labelled data (--data): an npz"),
     ("pass latent_dim=N", "pass --latent-dim N"),
+    ("allow_pickle=True", "--allow-pickle"),
 )
 
 

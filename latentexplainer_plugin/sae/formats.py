@@ -217,7 +217,7 @@ def _read_dictionary_learning(path: Path, allow_pickle: bool) -> SparseAutoencod
                        f"{', '.join(DL_CLASSES)})")
     if not allow_pickle:
         raise SAEError(f"{path / DL_WEIGHTS} is a pickle (torch.save) file; pickles can run code when loaded, so they "
-                       "are refused by default. Pass allow_pickle=True (--allow-pickle) to read it with "
+                       "are refused by default. Pass allow_pickle=True to read it with "
                        "torch.load(weights_only=True), which reads tensors only")
     state = load_weights(path / DL_WEIGHTS, allow_pickle=True)
     weights = path / DL_WEIGHTS
