@@ -28,22 +28,11 @@ from pathlib import Path
 import torch
 
 from latentexplainer_plugin.backends.openai_compat import OpenAICompatBackend
-from latentexplainer_plugin.biases import DISENTANGLEMENT, build_prompt
-from latentexplainer_plugin.types import Traversal
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_openai import make_jobs  # noqa: E402 (the same seeded jobs as the loopback benchmark)
 
 _ACCESS = re.compile(r'"POST /v1/chat/completions HTTP/[0-9.]+" (\d{3})')
-
-
-def make_jobs(latents: int, samples: int) -> list:
-    """``latents`` jobs with a 2-row x 5-column grid of random 32 x 32 images each (seeded)."""
-    g = torch.Generator().manual_seed(0)
-    jobs = []
-    for i in range(latents):
-        images = torch.rand(1, 2, 5, 3, 32, 32, generator=g)
-        traversal = Traversal(f"z{i}", images, torch.linspace(-3, 3, 5), "set", index=i,
-                              row_labels=["z9=-2", "z9=+2"], meta={"clamped": 9})
-        jobs.append((traversal, build_prompt(DISENTANGLEMENT, traversal), samples))
-    return jobs
 
 
 def logged_requests(log: Path | None) -> int | None:

@@ -108,33 +108,14 @@ def _shape_stopping(model, eos: int, after: int, never: list[int], eos_logit: fl
 
 def build_model(path: str) -> None:
     """Save a tiny random LLaVA and its processor to ``path`` in the layout vLLM's loader reads."""
-    import torch
     from safetensors.torch import load_file, save_file
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor, PreTrainedTokenizerFast)
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny_llava import tiny_llava
 
     out = Path(path)
-    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                        eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
-    processor = LlavaProcessor(
-        image_processor=LlavaImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
-        tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
-    )
     # vLLM's CPU attention needs head_dim >= 32: hidden 64 with 2 heads.
-    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=28, patch_size=14, projection_dim=64)
-    text = LlamaConfig(vocab_size=len(WORDS), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
-                       pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=WORDS.index("<image>"),
-                         vision_feature_select_strategy="default", vision_feature_layer=-1)
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config).eval()
+    model, processor = tiny_llava(WORDS, CHAT_TEMPLATE, hidden=64, tie_word_embeddings=False)
     _shape_stopping(model, eos=WORDS.index("</s>"), after=WORDS.index("ASSISTANT:"),
                     never=[WORDS.index(w) for w in ("<pad>", "<unk>", "<s>", "<image>", "USER:", "ASSISTANT:")])
     model.save_pretrained(out)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -42,29 +41,12 @@ MIN_NEW, MAX_NEW = 6, 8
 
 def build_tiny_llava(path) -> None:
     """A random LLaVA (CLIP vision tower + Llama, hidden 32) and its processor, saved to ``path``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor, PreTrainedTokenizerFast)
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+    try:
+        from tests.tiny_llava import tiny_llava
+    except ImportError:  # tests/ on sys.path instead of the repository root
+        from tiny_llava import tiny_llava  # type: ignore
 
-    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                        eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
-    processor = LlavaProcessor(
-        image_processor=LlavaImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
-        tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
-    )
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=28, patch_size=14, projection_dim=32)
-    text = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
-                       pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=WORDS.index("<image>"),
-                         vision_feature_select_strategy="default", vision_feature_layer=-1)
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config).eval()
+    model, processor = tiny_llava(WORDS, CHAT_TEMPLATE, hidden=32)
     # generation defaults saved with the model: random weights stop at random, so ask for a few tokens
     model.generation_config.min_new_tokens = MIN_NEW
     model.generation_config.max_new_tokens = MAX_NEW
