@@ -136,3 +136,12 @@ def test_cli_explains_w_plus_of_a_generator_in_code(gen_file, tmp_path):
     data = json.loads((out / "results.json").read_text())
     assert data["adapter"]["space"] == "w+" and data["adapter"]["layers"] == [0] and data["bias"] == "combination"
     assert [e["id"] for e in data["latents"]] == ["w0", "w1"]
+
+
+def test_sefa_in_w_plus_finds_directions_in_w(gen_file, tmp_path):
+    out = tmp_path / "run"
+    code = main(["explain", "--model", f"{gen_file}:make", "--adapter", "stylegan", "-o", "space=w+", "-o", "layers=0",
+                 "--direction", "sefa", "--n-directions", "2", "--samples", "2", "--out", str(out), "--quiet"])
+    assert code == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["directions"]["finder"] == "sefa" and [e["id"] for e in data["latents"]] == ["d0", "d1"]

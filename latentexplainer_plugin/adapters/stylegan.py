@@ -134,7 +134,8 @@ class StyleGANAdapter(VAEAdapter):
         self.layers = parse_layers(layers, self.num_ws) if space == "w+" else None
         self.driver = _SynthesisDriver(synthesis, self.num_ws, self.w_dim, per_layer=space == "w+").eval()
         self.site = Site("", "input")  # the synthesis input: w (or ws)
-        self.latent_dim = self.w_dim * (self.num_ws if space == "w+" else 1)
+        self.latent_dim = self.w_dim * (self.num_ws if space == "w+" else 1)  # what the driver reads
+        self.direction_dim = self.w_dim  # directions live in W, also in W+ (they are placed on ``layers``)
         self.max_batch = max_batch
         self._features = None
         self.directions: torch.Tensor | None = None

@@ -36,20 +36,25 @@ def _latent_layer(adapter: Any, layer: str | None) -> tuple[str, nn.Module]:
                      "of the layer that reads z; use ganspace (PCA of the generated images) or a directions file")
 
 
+def _dim(adapter: Any) -> int:
+    """The size of the space directions live in: ``direction_dim`` when the adapter has one (W in W+), else the latent size."""
+    return int(getattr(adapter, "direction_dim", adapter.latent_dim))
+
+
 def _check(adapter: Any, n_directions: int) -> None:
     if not hasattr(adapter, "driver") or not hasattr(adapter, "latent_dim"):
         raise TypeError(f"GAN direction finders work on a generator adapter, got {type(adapter).__name__}")
-    if not isinstance(n_directions, int) or isinstance(n_directions, bool) or not 1 <= n_directions <= adapter.latent_dim:
-        raise ValueError(f"n_directions must be an integer in [1, {adapter.latent_dim}] (the latent size), got {n_directions!r}")
+    if not isinstance(n_directions, int) or isinstance(n_directions, bool) or not 1 <= n_directions <= _dim(adapter):
+        raise ValueError(f"n_directions must be an integer in [1, {_dim(adapter)}] (the latent size), got {n_directions!r}")
 
 
 def sefa(adapter: Any, n_directions: int = 8, seed: int = 0, layer: str | None = None) -> Directions:
     """Top eigenvectors of A^T A for the weight A of the first layer reading z (closed form)."""
-    n_directions = min(n_directions, adapter.latent_dim) if isinstance(n_directions, int) else n_directions
+    n_directions = min(n_directions, _dim(adapter)) if isinstance(n_directions, int) else n_directions
     _check(adapter, n_directions)
     name, module = _latent_layer(adapter, layer)
     weight = module.weight.detach().double()
-    d = adapter.latent_dim
+    d = _dim(adapter)
     if isinstance(module, nn.ConvTranspose2d):
         a_t = weight.reshape(weight.shape[0], -1)  # (in = D, out * kh * kw): rows are z's coordinates
     else:
@@ -69,7 +74,7 @@ def sefa(adapter: Any, n_directions: int = 8, seed: int = 0, layer: str | None =
 def ganspace(adapter: Any, n_directions: int = 8, seed: int = 0, n_samples: int = 2000,
              site: Site | str | None = None) -> Directions:
     """PCA of an early layer's activations over ``n_samples`` latents, regressed back onto z."""
-    n_directions = min(n_directions, adapter.latent_dim) if isinstance(n_directions, int) else n_directions
+    n_directions = min(n_directions, _dim(adapter)) if isinstance(n_directions, int) else n_directions
     _check(adapter, n_directions)
     if not isinstance(n_samples, int) or n_samples <= n_directions:
         raise ValueError(f"n_samples must be an integer > n_directions ({n_directions}), got {n_samples!r}")
