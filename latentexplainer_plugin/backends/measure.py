@@ -45,6 +45,11 @@ SCALES: dict[str, float] = {
 MIN_CONTRAST = 0.1  # colour distance an object must reach to be found at all (plain image -> empty)
 MIN_SATURATION = 0.15  # mean saturation below which an object has no defined hue
 MIN_OBJECT_PIXELS = 4  # fewer foreground pixels than this: no object
+# Spatial coherence (see ``coherence``) below which a foreground is scattered pixels, not an object.
+# Measured (``foreground`` masks, 300 images each): shapes/shapes2/shapes3 data and demo VAE decodes
+# 0.77-0.95; a 2x2 object 0.37, a one-pixel line (straight or diagonal) about 0.2; per-pixel noise
+# textures (a random-weight MLP generator, 16 px, 200 images) -0.07 to 0.04 (95th percentile 0.036).
+MIN_COHERENCE = 0.15
 
 
 def _check(images: Tensor) -> Tensor:
@@ -103,12 +108,32 @@ def _otsu(values: Tensor, bins: int = 64) -> Tensor:
     return (k.to(values.dtype) + 1.0) / bins * vmax.squeeze(1)
 
 
-def foreground(images: Tensor, min_contrast: float = MIN_CONTRAST) -> tuple[Tensor, Tensor]:
+def coherence(mask: Tensor) -> Tensor:
+    """Spatial coherence of binary masks ``(N, H, W)``: how much more often a foreground pixel's
+    8-neighbours are foreground than chance (the foreground fraction ``p``), as
+    ``(P(neighbour in | pixel in) - p) / (1 - p)``. About 0.8-0.95 for a blob, 0.37 for a 2x2
+    square, about 0.2 for a one-pixel line in any direction, about 0 for scattered pixels; 0 for
+    an empty mask. All 8 neighbours count, so the measure treats every direction alike."""
+    m = mask.float()
+    both = m.new_zeros(m.shape[0])
+    slots = m.new_zeros(m.shape[0])
+    for a, b in ((m[:, :, 1:], m[:, :, :-1]), (m[:, 1:, :], m[:, :-1, :]),
+                 (m[:, 1:, 1:], m[:, :-1, :-1]), (m[:, 1:, :-1], m[:, :-1, 1:])):
+        both += (a * b).sum(dim=(1, 2))
+        slots += (a + b).sum(dim=(1, 2))
+    p = m.mean(dim=(1, 2))
+    given = 2.0 * both / slots.clamp_min(1.0)
+    return torch.where(slots > 0, (given - p) / (1.0 - p).clamp_min(1e-6), torch.zeros_like(p))
+
+
+def foreground(images: Tensor, min_contrast: float = MIN_CONTRAST, min_coherence: float = MIN_COHERENCE) -> tuple[Tensor, Tensor]:
     """Foreground masks ``(N, H, W)`` (bool) and background colours ``(N, C)``.
 
     The colour distance to the background is thresholded with Otsu's method; an image whose
     (3x3-smoothed) peak distance stays below ``min_contrast`` has an empty mask, and no pixel
     closer than ``min_contrast / 2`` to the background is ever foreground (noise stays out).
+    A mask whose :func:`coherence` stays below ``min_coherence`` is emptied too: scattered pixels
+    (a noise texture) are not an object, so nothing is said about "the object" of such an image.
     """
     images = _check(images)
     bg = background_colour(images)
@@ -118,6 +143,7 @@ def foreground(images: Tensor, min_contrast: float = MIN_CONTRAST) -> tuple[Tens
     thr = torch.maximum(_otsu(dist.reshape(n, -1)), torch.full_like(contrast, min_contrast / 2))
     mask = dist > thr[:, None, None]
     mask &= (contrast >= min_contrast)[:, None, None]
+    mask &= (coherence(mask) >= min_coherence)[:, None, None]
     return mask, bg
 
 
