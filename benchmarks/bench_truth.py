@@ -11,6 +11,11 @@ Families (offline explainer, 5 answers per latent, default measure ``agree``):
   collapsed-vae  the demo model whose decoder ignores z (its first layer's weights zeroed): negatives
   random-unet-S  random-weight diffusers UNet2DModel, S x S pixels, 10 DDIM steps, 6 PCA directions of
                  h-space: negatives (pure-noise images)
+  random-pixel-gen  a forward(z) generator whose every pixel is sigmoid of a random linear map of z
+                 (16 px, 8 latents, 3 seeds): negatives; its traversals change consistently (each pixel is
+                 the same function of z in every base), but the images are noise textures, not objects
+  random-dcgan   a DCGAN-shaped ConvTranspose generator with random weights (32 px, 8 latents, 3 seeds):
+                 negatives (smooth random textures)
 
 Per family: latents, positives, clear, false-clear rate (clear negatives / negatives), factor-aligned
 latents named clearly, and how many latents the image evidence alone rejects. Then leave one family
@@ -143,6 +148,55 @@ def random_unet_family(size: int, samples: int, n_directions: int, seed: int = 0
     return rows_from(f"random-unet-{size}", explainer.attribute(), {})
 
 
+class PixelGenerator(torch.nn.Module):
+    """Every pixel a fixed random function of z: sigmoid of a random (seeded) linear map, 16 x 16 RGB."""
+
+    def __init__(self, seed: int, nz: int = 8) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc = torch.nn.Linear(nz, 3 * 16 * 16)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.fc(z)).view(len(z), 3, 16, 16)
+
+
+class RandomDCGAN(torch.nn.Module):
+    """DCGAN-shaped generator (1 -> 4 -> 8 -> 16 -> 32 px) with random (seeded) weights and no BatchNorm;
+    the last layer is scaled so the tanh output spans most of [-1, 1]."""
+
+    def __init__(self, seed: int, nz: int = 8) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        t = torch.nn.ConvTranspose2d
+        self.nz = nz
+        self.net = torch.nn.Sequential(t(nz, 64, 4, 1, 0), torch.nn.ReLU(), t(64, 32, 4, 2, 1), torch.nn.ReLU(),
+                                       t(32, 16, 4, 2, 1), torch.nn.ReLU(), t(16, 3, 4, 2, 1))
+        with torch.no_grad():
+            scale = self.net(torch.randn(256, nz, 1, 1)).std()
+            self.net[-1].weight.mul_(2.0 / scale)
+            self.net[-1].bias.mul_(2.0 / scale)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.net(z.view(len(z), self.nz, 1, 1)))
+
+
+def random_generator_family(name: str, make: Any, samples: int, seeds: tuple[int, ...] = (0, 1, 2)) -> list[Row]:
+    from latentexplainer_plugin import LatentExplainer
+    from latentexplainer_plugin.adapters.generator import GeneratorAdapter
+
+    rows: list[Row] = []
+    for seed in seeds:
+        explainer = LatentExplainer(GeneratorAdapter(make(seed).eval()), backend="offline", samples=samples,
+                                    similarity=SIMILARITY)
+        rows += [replace_latent(r, f"s{seed}.") for r in rows_from(name, explainer.attribute(), {})]
+    return rows
+
+
+def replace_latent(row: Row, prefix: str) -> Row:
+    row.latent = prefix + row.latent
+    return row
+
+
 def collapsed(model: Any) -> Any:
     """A copy of ``model`` whose decoder ignores z: its first layer that reads z has zero weights."""
     import copy
@@ -241,6 +295,10 @@ def main() -> None:
         t = time.perf_counter()
         model, eval_data = load_trained(model_dir, npz)
         rows += vae_family(name, model, eval_data, args.samples)
+        timing[name] = time.perf_counter() - t
+    for name, make in (("random-pixel-gen", PixelGenerator), ("random-dcgan", RandomDCGAN)):
+        t = time.perf_counter()
+        rows += random_generator_family(name, make, args.samples)
         timing[name] = time.perf_counter() - t
     for size in [int(s) for s in args.sizes.split(",") if s]:
         t = time.perf_counter()
