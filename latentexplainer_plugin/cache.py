@@ -170,7 +170,7 @@ class ResponseCache:
         if first:
             warnings.warn(
                 f"the response cache cannot be written ({reason}: {path}); answers are used but not stored, "
-                f"so a rerun asks for them again. Fix or free {self.directory}, or pass --cache-dir DIR / --no-cache",
+                f"so a rerun asks for them again. Fix or free {self.directory}, or pass cache_dir=DIR / no_cache=True",
                 CacheWriteWarning,
                 stacklevel=3,
             )

@@ -6,11 +6,12 @@ from __future__ import annotations
 def check_device(device: str, flag: str = "device") -> str:
     """Return ``device`` if this machine has it; else raise ValueError saying what is allowed.
 
-    ``flag`` names the option in the message (``--device`` on the command line).
+    ``flag`` names the option at the start of the message (``--device`` on the command line, which
+    also turns the ``device="cpu"`` advice into its flag).
     """
     import torch
 
-    fallback = "use --device cpu" if flag.startswith("--") else "use cpu"
+    fallback = 'use device="cpu"'
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):

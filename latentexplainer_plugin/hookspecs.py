@@ -38,6 +38,11 @@ def latentexplainer_register_edit_rules(register: Register) -> None:
     """Register edit rules: ``register(name, rule)``; ``rule(activation, edit)`` returns the edited activation (same shape)."""
 
 
+@hookspec
+def latentexplainer_register_sae_formats(register: Register) -> None:
+    """Register SAE file formats: ``register(name, fmt)``; ``fmt.detect(folder)`` -> bool, ``fmt.load(folder, **kwargs)`` -> SparseAutoencoder."""
+
+
 @hookspec(firstresult=True)
 def latentexplainer_adapter_for(model: Any) -> str | None:
     """Return the name of the adapter for ``model`` (a path, hub id or ``file.py:factory``) if this plugin recognises it, else None."""

@@ -1,4 +1,5 @@
-"""The plugin manager and the registries it fills (adapters, backends, biases, direction finders).
+"""The plugin manager and the registries it fills (adapters, backends, biases, direction finders,
+edit rules, SAE formats).
 
 Environment variables:
 - ``LATENTEXPLAINER_NO_PLUGINS=1``: do not load external (entry-point) plugins.
@@ -36,9 +37,10 @@ DEFAULT_PLUGINS = (
     "latentexplainer_plugin.default_plugins.sites",
     "latentexplainer_plugin.default_plugins.detection",
     "latentexplainer_plugin.default_plugins.edits",
+    "latentexplainer_plugin.default_plugins.sae_formats",
 )
 BUILTIN_DISTRIBUTION = "latentexplainer-plugin"
-KINDS = ("adapters", "backends", "biases", "direction_finders", "edit_rules")
+KINDS = ("adapters", "backends", "biases", "direction_finders", "edit_rules", "sae_formats")
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,15 @@ def reset() -> None:
     reset_registries()
 
 
+def _check_factory(kind: str, name: str, factory: Any) -> str | None:
+    """None if ``factory`` fits registry ``kind``, else why not (an SAE format has ``detect`` and ``load``)."""
+    if kind == "sae_formats":
+        missing = [m for m in ("detect", "load") if not callable(getattr(factory, m, None))]
+        return (f"SAE format {name!r} has no callable {' or '.join(missing)} (got {type(factory).__name__})"
+                if missing else None)
+    return None if callable(factory) else f"factory for {name!r} is not callable (got {type(factory).__name__})"
+
+
 def _collect(pm: pluggy.PluginManager, kind: str) -> Registry:
     registry = Registry(kind)
     caller = getattr(pm.hook, f"latentexplainer_register_{kind}")
@@ -201,9 +212,7 @@ def _collect(pm: pluggy.PluginManager, kind: str) -> Registry:
         pending: list[Entry] = []  # kept only if the whole hook call succeeds
 
         def register(name: str, factory: Callable[..., Any], _p=plugin_name, _d=dist, _pending=pending) -> None:
-            problem = check_name(name)
-            if problem is None and not callable(factory):
-                problem = f"factory for {name!r} is not callable (got {type(factory).__name__})"
+            problem = check_name(name) or _check_factory(kind, name, factory)
             if problem is not None:
                 _report(_p, _d, f"registered an invalid {kind} entry: {problem}")
                 return
@@ -229,7 +238,7 @@ def _collect(pm: pluggy.PluginManager, kind: str) -> Registry:
 
 
 def registry(kind: str) -> Registry:
-    """The registry of one kind: ``adapters``, ``backends``, ``biases``, ``direction_finders`` or ``edit_rules``."""
+    """The registry of one kind: ``adapters``, ``backends``, ``biases``, ``direction_finders``, ``edit_rules`` or ``sae_formats``."""
     global _registries
     if kind not in KINDS:
         raise ValueError(f"unknown registry {kind!r}; kinds: {', '.join(KINDS)}")

@@ -438,7 +438,8 @@ def test_context_length_400_stops_at_the_first_request_and_names_the_flag(loopba
             backend.explain_many(jobs)
     assert len(loopback.requests) == 1 and loopback.requests[0].n == 3  # never taken for "n unsupported"
     message = str(info.value)
-    assert "--max-new-tokens" in message and "max_model_len=512" in message
+    assert "The prompt plus max_new_tokens=600 do not fit the model's context: lower max_new_tokens=" in message
+    assert "max_model_len=512" in message and "--" not in message  # library words; the CLI prints --max-new-tokens
 
 
 @pytest.mark.parametrize("message", ["'max_tokens' is too large: 600. This model supports at most 512 completion tokens",
@@ -446,7 +447,7 @@ def test_context_length_400_stops_at_the_first_request_and_names_the_flag(loopba
 def test_other_context_length_wordings_are_fatal(loopback, message):
     loopback.respond = lambda req: Fault.status(400, message=message)
     with backend_for(loopback) as backend:
-        with pytest.raises(FatalBackendError, match="--max-new-tokens"):
+        with pytest.raises(FatalBackendError, match="lower max_new_tokens="):
             backend.explain_many([(*make_job(i), 3) for i in range(3)])
     assert len(loopback.requests) <= 3
 
@@ -565,7 +566,7 @@ def test_cut_off_filtered_empty_and_oversized_answers_are_failed_samples(loopbac
     with backend_for(loopback) as backend:
         out = backend.explain(*make_job(), 5)
     assert len(loopback.requests) == 1
-    assert out[0].error.startswith("truncated: finish_reason=length") and "--max-new-tokens" in out[0].error
+    assert out[0].error == "truncated: finish_reason=length (raise max_new_tokens=, now 200)"  # library words in results
     assert out[0].meta["raw_text"] == "The square grows and"
     assert out[1].error.startswith("filtered: finish_reason=content_filter")
     assert out[2].error == "empty response"

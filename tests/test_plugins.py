@@ -84,7 +84,7 @@ def test_every_hookspec_has_a_builtin_or_is_an_observer():
     plugins.reset()
     pm = plugins.get_plugin_manager()
     specs = [n for n in dir(hookspecs) if n.startswith("latentexplainer_")]
-    assert len(specs) == 8
+    assert len(specs) == 9
     for name in specs:
         impls = getattr(pm.hook, name).get_hookimpls()
         assert impls or name == "latentexplainer_latent_captured", name
@@ -238,6 +238,10 @@ BROKEN_CASES = [
      "a name must be a string, got int 42", {"good"}),
     ("non-callable-factory", registering("other", "GOOD"), None,
      "factory for 'other' is not callable (got InductiveBias)", {"good"}),
+    ("sae-format-without-load", registering("good2", "lambda: GOOD") + (
+        "\n@hookimpl\ndef latentexplainer_register_sae_formats(register):\n"
+        "    register('half', type('Half', (), {'detect': staticmethod(lambda folder: True)})())\n"), None,
+     "registered an invalid sae_formats entry: SAE format 'half' has no callable load (got Half)", {"good", "good2"}),
     ("hook-raises", registering("other", "lambda: GOOD").replace(
         'register("good", lambda: GOOD)', 'register("good", lambda: GOOD); 1 / 0'), None,
      "failed in latentexplainer_register_biases: ZeroDivisionError: division by zero", set()),

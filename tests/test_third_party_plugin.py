@@ -1,6 +1,6 @@
 """A throw-away third-party distribution (entry point in group ``latentexplainer``) registers an adapter
-with its own option, a backend that needs a key, a bias, a direction finder, an edit rule and a model
-recogniser; ``latentexplainer explain`` drives them with ``-o`` options and gives them the same checks,
+with its own option, a backend that needs a key, a bias, a direction finder, an edit rule, a model
+recogniser and an SAE file format; ``latentexplainer explain`` drives them with ``-o`` options and gives them the same checks,
 results and report as the built-ins."""
 
 from __future__ import annotations
@@ -144,6 +144,28 @@ def latentexplainer_register_edit_rules(register):
 @hookimpl
 def latentexplainer_adapter_for(model):
     return "toygen" if str(model).startswith("toy:") else None
+
+
+def load_toy_sae(folder, *, allow_pickle=False, **kwargs):
+    """toy-sae layout: toy_sae.json (site) + toy_sae.safetensors with the encoder stored (d_sae, d_in)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from latentexplainer_plugin.sae import SparseAutoencoder
+
+    BUILT.append(("sae", str(folder)))
+    t = load_file(str(folder / "toy_sae.safetensors"))
+    site = json.loads((folder / "toy_sae.json").read_text())["site"]
+    return SparseAutoencoder(t["enc"].T.contiguous(), t["enc_bias"], t["dec"], t["dec_bias"], "standard", site=site)
+
+
+@hookimpl
+def latentexplainer_register_sae_formats(register):
+    from latentexplainer_plugin.sae.formats import SAEFormat, has_files
+
+    files = ("toy_sae.json", "toy_sae.safetensors")
+    register("toy-sae", SAEFormat(detect=has_files(*files), load=load_toy_sae, files=files))
 '''
 
 
@@ -222,3 +244,84 @@ def test_plugins_lists_a_plugin_s_options_and_its_edit_rule_works(toy_plugin, ca
     from latentexplainer_plugin.types import Edit
 
     assert apply_edit(torch.ones(2, 3), Edit("double", torch.zeros(2))).tolist() == [[2.0] * 3] * 2
+
+
+def test_a_plugin_sae_format_is_detected_by_load_sae_and_by_explain_sae(toy_plugin, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from latentexplainer_plugin.demo import WEIGHTS_DIR
+    from latentexplainer_plugin.errors import SAEError, UnknownComponentError
+    from latentexplainer_plugin.sae import load_sae, save_sae
+
+    d, shift = 10, 4.0  # decoder rows are the demo VAE's latent axes; b_dec = -4 keeps every feature active
+    g = torch.Generator().manual_seed(0)
+    W_enc = torch.eye(d) + 0.01 * torch.randn(d, d, generator=g)
+    folder = tmp_path / "toy-sae"
+    folder.mkdir()
+    save_file({"enc": W_enc.T.contiguous(), "enc_bias": torch.zeros(d), "dec": torch.eye(d), "dec_bias": torch.full((d,), -shift)},
+              str(folder / "toy_sae.safetensors"))
+    (folder / "toy_sae.json").write_text(json.dumps({"site": "decoder.input"}))
+
+    sae = load_sae(folder)
+    assert sae.meta["layout"] == "toy-sae" and toy_plugin.BUILT == [("sae", str(folder))]
+    assert torch.equal(sae.W_enc, W_enc) and torch.equal(sae.b_dec, torch.full((d,), -shift)) and sae.site == "decoder.input"
+    # the same weights written in SAELens layout (a built-in format) load to the same tensors
+    back = load_sae(save_sae(sae, tmp_path / "as-saelens"))
+    assert back.meta["layout"] == "saelens" and torch.equal(back.W_enc, sae.W_enc) and torch.equal(back.W_dec, sae.W_dec)
+    with pytest.raises(SAEError, match="as-saelens is not in the 'toy-sae' format: it expects toy_sae.json \\+ "
+                                       "toy_sae.safetensors. Found: cfg.json, sae_weights.safetensors"):
+        load_sae(tmp_path / "as-saelens", format="toy-sae")
+    for name in ("toy_sae.json", "toy_sae.safetensors"):  # a folder in both formats: built-ins first, format= picks
+        (tmp_path / "as-saelens" / name).write_bytes((folder / name).read_bytes())
+    assert load_sae(tmp_path / "as-saelens").meta["layout"] == "saelens"
+    assert load_sae(tmp_path / "as-saelens", format="toy-sae").meta["layout"] == "toy-sae"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SAEError) as info:
+        load_sae(empty)
+    assert "saelens: cfg.json + sae_weights.safetensors" in str(info.value)
+    assert "toy-sae: toy_sae.json + toy_sae.safetensors" in str(info.value)
+    with pytest.raises(UnknownComponentError, match="unknown sae format 'nope'; registered: dictionary_learning, saelens, "
+                                                    "sparsify, toy-sae"):
+        load_sae(folder, format="nope")
+
+    toy_plugin.BUILT.clear()
+    out = tmp_path / "run"
+    code = main(["explain", "--model", str(WEIGHTS_DIR), "--sae", str(folder), "--features", "1,4", "--samples", "3",
+                 "--bias", "combination", "--out", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert toy_plugin.BUILT == [("sae", str(folder))]
+    data = json.loads((out / "results.json").read_text())
+    assert data["sae"] == str(folder) and data["adapter"]["name"] == "sae"
+    assert [e["id"] for e in data["latents"]] == ["f1", "f4"] and all(e["status"] == "ok" for e in data["latents"])
+    assert main(["plugins"]) == 0
+    assert "toy-sae" in capsys.readouterr().out.split("sae_formats:")[1]
+
+
+def test_an_sae_format_whose_detect_raises_or_load_returns_no_sae_is_named_in_the_error(tmp_path):
+    from latentexplainer_plugin.errors import PluginError, SAEError
+    from latentexplainer_plugin.hookspecs import hookimpl
+    from latentexplainer_plugin.sae import load_sae
+    from latentexplainer_plugin.sae.formats import SAEFormat, has_files
+
+    def detect(folder):
+        raise RuntimeError("cannot look")
+
+    class Flaky:
+        @hookimpl
+        def latentexplainer_register_sae_formats(self, register):
+            register("hollow", SAEFormat(detect=has_files("hollow.txt"), load=lambda folder, **kw: None))
+            register("flaky", SAEFormat(detect=detect, load=lambda folder, **kw: None))
+
+    plugins.reset()
+    plugins.register_plugin(Flaky(), name="flaky-plugin", distribution="flaky-dist")
+    try:
+        with pytest.raises(PluginError, match=r"^SAE format 'flaky' \(flaky-plugin, flaky-dist\) failed in detect\(.*\): "
+                                              r"RuntimeError: cannot look$"):
+            load_sae(tmp_path)
+        (tmp_path / "hollow.txt").write_text("")  # recognised by 'hollow' (registered first), whose load gives None
+        with pytest.raises(SAEError, match=r"^SAE format 'hollow' \(flaky-plugin, flaky-dist\) returned NoneType, "
+                                           r"not a SparseAutoencoder$"):
+            load_sae(tmp_path)
+    finally:
+        plugins.reset()

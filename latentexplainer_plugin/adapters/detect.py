@@ -40,10 +40,10 @@ def adapter_for_directory(path: str | Path) -> str | None:
     kind = config.get("_class_name") if isinstance(config, dict) else None
     if not isinstance(kind, str) or not kind:
         raise UnsupportedPipelineError(f"{index} has no \"_class_name\" naming its diffusers pipeline class; "
-                                       "save the pipeline with pipeline.save_pretrained(dir), or choose --adapter yourself")
+                                       "save the pipeline with pipeline.save_pretrained(dir), or choose adapter= yourself")
     if kind not in SUPPORTED_PIPELINES:
         supported = ", ".join(f"{name} ({adapter})" for name, adapter in sorted(SUPPORTED_PIPELINES.items()))
         raise UnsupportedPipelineError(
             f"{index} describes a {kind}, which no built-in adapter explains. Supported pipelines (adapter): {supported}. "
-            f"An adapter plugin can add {kind} (docs/plugins.md, \"Writing an adapter or backend\"); then pass --adapter NAME.")
+            f"An adapter plugin can add {kind} (docs/plugins.md, \"Writing an adapter or backend\"); then pass adapter=NAME.")
     return SUPPORTED_PIPELINES[kind]

@@ -61,7 +61,7 @@ def load_pipeline(path_or_id: str | Path, pipeline_classes: tuple[str, ...], dev
         index = read_config(index_file)
         kind = index.get("_class_name")
         if kind not in pipeline_classes:
-            raise LoadError(f"{index_file} describes a {kind}, not a {wanted}; leave out --adapter to choose the adapter "
+            raise LoadError(f"{index_file} describes a {kind}, not a {wanted}; leave out adapter= to choose the adapter "
                             "from model_index.json")
         components = {name: spec for name, spec in index.items() if not name.startswith("_") and isinstance(spec, list)}
         for name, limits in (("transformer", TRANSFORMER_LIMITS), ("unet", UNET_LIMITS), ("vae", AUTOENCODER_LIMITS),
@@ -86,7 +86,7 @@ def load_pipeline(path_or_id: str | Path, pipeline_classes: tuple[str, ...], dev
 
         problem = hub_problem(source, "model_index.json")
         if problem is not None:  # seconds, not the minutes of diffusers' retries
-            raise LoadError(f"--model {source} {problem}; give the local directory of a {wanted} (pipeline.save_pretrained(dir))")
+            raise LoadError(f"model={source!r} {problem}; give the local directory of a {wanted} (pipeline.save_pretrained(dir))")
         root = source
         index = None
     cls = _pipeline_class(pipeline_classes[0] if index is None else index["_class_name"])

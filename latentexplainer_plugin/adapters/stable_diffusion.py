@@ -167,7 +167,7 @@ def load_stable_diffusion(path_or_id: str | Path, device: str | torch.device = "
 
         problem = hub_problem(source, "unet/config.json")
         if problem is not None:  # seconds, not the minutes of diffusers' retries
-            raise LoadError(f"--model {source} {problem}; give the local directory of a Stable Diffusion pipeline "
+            raise LoadError(f"model={source!r} {problem}; give the local directory of a Stable Diffusion pipeline "
                             "(unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
     if local.is_dir():
         from ..safe_load import read_config

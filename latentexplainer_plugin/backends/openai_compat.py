@@ -111,7 +111,7 @@ def check_env_name(name: Any) -> str:
     (a key pasted where a name belongs must not end up in a terminal or a log)."""
     if not isinstance(name, str) or not _ENV_NAME.match(name):
         raise ValueError(
-            "--api-key-env takes the NAME of an environment variable (letters, digits and _, not starting "
+            "api_key_env takes the NAME of an environment variable (letters, digits and _, not starting "
             "with a digit), e.g. OPENAI_API_KEY; the value given is not a name and is not shown, in case it is "
             "the key itself: export the key in a variable and pass that variable's name"
         )
@@ -334,7 +334,7 @@ class OpenAICompatBackend(Backend):
         if not key:
             raise BackendError(
                 f"No API key: set the {api_key_env} environment variable "
-                "(or choose another variable with --api-key-env NAME)"
+                "(or choose another variable with api_key_env=NAME)"
             )
         self.model = model
         raw = base_url.rstrip("/")
@@ -549,8 +549,8 @@ class OpenAICompatBackend(Backend):
         what = f"HTTP {exc.status} from {self.url}: {exc.detail}"
         if _CONTEXT_LENGTH.search(exc.detail):
             raise FatalBackendError(
-                f"{what}. The prompt plus --max-new-tokens ({self.max_tokens}) do not fit the model's context: "
-                "lower --max-new-tokens (or serve the model with a longer context)"
+                f"{what}. The prompt plus max_new_tokens={self.max_tokens} do not fit the model's context: "
+                "lower max_new_tokens= (or serve the model with a longer context)"
             )
         with self._lock:
             if exc.detail == self._last_client_error:
@@ -561,7 +561,7 @@ class OpenAICompatBackend(Backend):
         if repeats >= _REPEATS_FATAL:
             raise FatalBackendError(
                 f"{what} ({repeats} requests in a row got this error; stopping instead of sending the rest). "
-                f"Fix the request: {_flag_hint(exc.detail)}"
+                f"Fix the request: {_request_hint(exc.detail)}"
             )
 
     # -- requests ----------------------------------------------------------------------------
@@ -726,7 +726,7 @@ class OpenAICompatBackend(Backend):
         """An answer that is cut off, filtered or oversized is a failed sample, never an explanation."""
         if finish == "length":
             return Response(text=None, error=(
-                f"truncated: finish_reason=length (raise --max-new-tokens, now {self.max_tokens})"))
+                f"truncated: finish_reason=length (raise max_new_tokens=, now {self.max_tokens})"))
         if finish == "content_filter":
             return Response(text=None, error="filtered: finish_reason=content_filter (the server withheld the answer)")
         if content is not None and len(content) > MAX_ANSWER_CHARS:
@@ -817,14 +817,14 @@ def _about_n(exc: _RequestFailed) -> bool:
     return exc.param == "n" or bool(_ABOUT_N.search(exc.detail))
 
 
-def _flag_hint(detail: str) -> str:
+def _request_hint(detail: str) -> str:
     text = detail.lower()
     if "max_tokens" in text or "max_completion_tokens" in text or "token" in text:
-        return "change --max-new-tokens"
+        return "change max_new_tokens="
     if "model" in text:
-        return "check the model name in --backend openai:MODEL"
+        return "check the model name in backend='openai:MODEL'"
     if "temperature" in text:
         return "the temperature is not accepted by this server"
     if "image" in text:
         return "this model or server may not accept images"
-    return "check --backend openai:MODEL, --base-url and --max-new-tokens"
+    return "check backend='openai:MODEL', base_url= and max_new_tokens="

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import Any
 
@@ -39,7 +40,7 @@ def check_device(device: str) -> str:
     try:
         return check(device, flag="--device")
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(in_flag_words(str(exc))) from None
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -113,8 +114,8 @@ class _PipeSafeStdout:
 
 
 def _show_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-    """Plugin warnings as one plain line on stderr (no source location: it is not the user's code)."""
-    print(f"latentexplainer: warning: {message}", file=sys.stderr)
+    """Plugin warnings as one plain line on stderr (no source location: it is not the user's code), in flag words."""
+    print(f"latentexplainer: warning: {in_flag_words(str(message))}", file=sys.stderr)
 
 
 def _internal_error(command: str, exc: BaseException, args: argparse.Namespace | None = None) -> int:
@@ -160,11 +161,36 @@ FLAG_WORDS = (
     ("labelled data (data=): a dict in the npz layout", "labelled data (--data): an npz"),
     ("pass latent_dim=N", "pass --latent-dim N"),
     ("allow_pickle=True", "--allow-pickle"),
+    ("no_cache=True", "--no-cache"),
+    ("try more steps=, a longer warmup_steps=, a smaller beta_norm= (or beta=), recon_scale=2 (weighs reconstruction "
+     "more), more free_bits= or a later free_bits_steps= (Kingma et al. 2016), or capacity=25 (Burgess et al. 2018)",
+     "try more --steps, a longer --warmup-steps, a smaller --beta-norm (or --beta), --recon-scale 2 (weighs "
+     "reconstruction more), more --free-bits or a later --free-bits-steps (Kingma et al. 2016), or --capacity 25 "
+     "(Burgess et al. 2018)"),
 )
+
+#: Keyword arguments that library messages write as ``name=VALUE`` (or ``name=`` alone) -> the flag
+#: that sets them: ``model='x/y'`` -> ``--model x/y``, ``max_new_tokens=`` -> ``--max-new-tokens``.
+KEYWORD_FLAGS = {name: "--" + name.replace("_", "-") for name in (
+    "model", "adapter", "backend", "bias", "similarity", "device", "base_url", "api_key_env", "max_new_tokens",
+    "cache_dir", "sae")}
+
+# name=VALUE at the start or after a space or " (" (never inside a call such as ``torch.load(weights_only=True)``,
+# nor after ``-o `` where the command line already speaks). VALUE is quoted, a number, an upper-case placeholder
+# (NAME, DIR) or nothing, so a server's own words ("model=gpt-4o not found") are left as they are.
+_KEYWORD = re.compile(r"(?:^|(?<=\s)|(?<=\s\()|(?<=^\())(?<!-o )(" + "|".join(sorted(KEYWORD_FLAGS, key=len, reverse=True))
+                      + r")=(\"[^\"]*\"|'[^']*'|\d+(?:\.\d+)?\b|[A-Z][A-Z_]*\b|(?=[\s,;).]|$))")
+
+
+def _keyword_as_flag(match: re.Match) -> str:
+    flag, value = KEYWORD_FLAGS[match.group(1)], match.group(2)
+    if value[:1] in ("'", '"'):
+        value = value[1:-1]
+    return f"{flag} {value}" if value else flag
 
 
 def in_flag_words(text: str) -> str:
-    """A library message as the command line says it (see :data:`FLAG_WORDS`)."""
+    """A library message as the command line says it (see :data:`FLAG_WORDS` and :data:`KEYWORD_FLAGS`)."""
     for library, flag in FLAG_WORDS:
         text = text.replace(library, flag)
-    return text
+    return _KEYWORD.sub(_keyword_as_flag, text)

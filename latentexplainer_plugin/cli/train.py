@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+from .common import in_flag_words
 
 
 def cmd_train_vae(args: argparse.Namespace) -> int:
@@ -63,7 +64,7 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
           f"final loss {history[-1]['loss']:.1f})")
     if report["warning"]:
         bar = "!" * 78
-        print(f"{bar}\nlatentexplainer train-vae: warning: {report['warning']}\n{bar}", file=sys.stderr)
+        print(f"{bar}\nlatentexplainer train-vae: warning: {in_flag_words(report['warning'])}\n{bar}", file=sys.stderr)
     return 0
 
 

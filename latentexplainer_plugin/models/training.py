@@ -256,10 +256,10 @@ def active_count_needed(latent_dim: int) -> int:
 
 
 def collapse_advice() -> str:
-    """What to try after a collapsed run (the train-vae flags)."""
-    return ("try more --steps, a longer --warmup-steps, a smaller --beta-norm (or --beta), --recon-scale 2 "
-            "(weighs reconstruction more), more --free-bits or a later --free-bits-steps (Kingma et al. 2016), "
-            "or --capacity 25 (Burgess et al. 2018)")
+    """What to try after a collapsed run, in :class:`TrainConfig` fields (``beta_norm``: see
+    :func:`beta_from_normalized`); the command line prints the train-vae flags instead."""
+    return ("try more steps=, a longer warmup_steps=, a smaller beta_norm= (or beta=), recon_scale=2 (weighs reconstruction "
+            "more), more free_bits= or a later free_bits_steps= (Kingma et al. 2016), or capacity=25 (Burgess et al. 2018)")
 
 
 def train_vae(images: np.ndarray, model_config: ConvVAEConfig | None = None, cfg: TrainConfig | None = None,

