@@ -7,28 +7,34 @@ from typing import Any, Iterable, Literal
 
 import torch
 
-SiteKind = Literal["input", "output"]
+SiteKind = Literal["input", "output", "update"]
+SITE_KINDS: tuple[str, ...] = ("input", "output", "update")
 
 
 @dataclass(frozen=True)
 class Site:
-    """A place in a model where a latent lives: a module path and whether it is the input or output."""
+    """A place in a model where a latent lives: a module path and which of the module's values.
+
+    ``kind`` is ``"input"`` (the module's first argument), ``"output"`` (its output; the first
+    element of a tuple) or ``"update"``: the block's residual update u = output - input (input and
+    output of the same shape). An edit at an update site replaces the output by input + edit(u).
+    """
 
     path: str
     kind: SiteKind = "output"
 
     def __post_init__(self) -> None:
-        if self.kind not in ("input", "output"):
-            raise ValueError(f"site kind must be 'input' or 'output', got {self.kind!r}")
+        if self.kind not in SITE_KINDS:
+            raise ValueError(f"site kind must be one of {', '.join(SITE_KINDS)}, got {self.kind!r}")
 
     def __str__(self) -> str:
         return f"{self.path}.{self.kind}"
 
     @classmethod
     def parse(cls, text: str) -> "Site":
-        """Parse ``"decoder.input"`` or ``"mid_block"`` (output by default)."""
+        """Parse ``"decoder.input"``, ``"transformer_blocks.3.update"`` or ``"mid_block"`` (output by default)."""
         path, _, last = text.rpartition(".")
-        if last in ("input", "output") and path:
+        if last in SITE_KINDS and path:
             return cls(path, last)  # type: ignore[arg-type]
         return cls(text, "output")
 
@@ -128,6 +134,56 @@ class Explanation:
     abstentions: int = 0
     failures: int = 0
     note: str | None = None
+
+
+@dataclass
+class ExampleSet:
+    """Example evidence for one feature: images where it fires, contrasted with images where it does not.
+
+    ``activating`` is (K, C, H, W) in [0, 1] (strongest first is usual, not required) with their
+    activations (K,) and optional activation maps (K, h, w) on the feature's own grid (upsampled
+    to the image when drawn); ``inactive`` is (M, C, H, W): images where the feature is 0 at every
+    position. K may be 0 (a dead feature). ``meta`` carries what the source knows (feature number,
+    items, frequency, IoU against object masks, ...).
+    """
+
+    latent_id: str
+    activating: torch.Tensor
+    activations: torch.Tensor
+    inactive: torch.Tensor
+    maps: torch.Tensor | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("activating", "inactive"):
+            value = getattr(self, name)
+            if not isinstance(value, torch.Tensor) or value.ndim != 4:
+                raise ValueError(f"ExampleSet.{name} must be a (N, C, H, W) tensor, got "
+                                 f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
+        k = self.activating.shape[0]
+        if not isinstance(self.activations, torch.Tensor) or tuple(self.activations.shape) != (k,):
+            raise ValueError(f"ExampleSet.activations must have shape ({k},), one per activating image, got "
+                             f"{tuple(getattr(self.activations, 'shape', ()))}")
+        if self.maps is not None and (self.maps.ndim != 3 or self.maps.shape[0] != k):
+            raise ValueError(f"ExampleSet.maps must be (K, h, w) with K={k}, got {tuple(self.maps.shape)}")
+        if k and len(self.inactive) and self.activating.shape[1:] != self.inactive.shape[1:]:
+            raise ValueError(f"activating images are {tuple(self.activating.shape[1:])} but inactive ones "
+                             f"{tuple(self.inactive.shape[1:])}; both must be (C, H, W) alike")
+
+    @property
+    def n_active(self) -> int:
+        return int(self.activating.shape[0])
+
+    @property
+    def n_inactive(self) -> int:
+        return int(self.inactive.shape[0])
+
+    def as_traversal(self) -> Traversal:
+        """The activating images as a one-row Traversal (strengths = activations), for backends whose
+        ``explain`` takes a traversal but reads only the prompt (chat models)."""
+        images = self.activating[None, None]
+        return Traversal(latent_id=self.latent_id, images=images, strengths=self.activations.float(), rule="examples",
+                         meta={"examples": True} | {k: v for k, v in self.meta.items() if isinstance(v, (int, float, str))})
 
 
 def usage_of(responses: Iterable[Response]) -> dict[str, int]:

@@ -80,3 +80,15 @@ def test_sae_train_then_explain_its_features(tmp_path, capsys):
     assert code in (0, 1) and [e["id"] for e in data["latents"]] == ["f0", "f1"]
     assert str(data["adapter"]["site"]) == "decoder.fc.1.output"
     assert all("dead" in e and "frequency" in e for e in data["latents"])
+
+
+def test_sae_train_on_a_block_update_records_and_steers_the_update_site(tmp_path, capsys):
+    out = tmp_path / "sae-u"
+    code = main(["sae-train", "--model", str(WEIGHTS_DIR), "--site", "decoder.deconv.1", "--update", "--n-features", "16",
+                 "-k", "2", "--steps", "30", "--samples", "128", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["metadata"]["hook_name"] == "decoder.deconv.1.update"  # where it reads, so where steering edits
+    assert json.loads((out / "activations" / "manifest.json").read_text())["kind"] == "update"
+    code, data = run(tmp_path, "feat-u", "--sae", str(out), "--features", "0")
+    assert code in (0, 1) and str(data["adapter"]["site"]) == "decoder.deconv.1.update"

@@ -61,7 +61,8 @@ def test_conv_site_equals_torch_hook_reference_with_positions(tmp_path):
 def test_update_is_output_minus_input_and_input_site(tmp_path):
     vae = _vae()
     batches = _latent_batches(2)
-    collect_activations(vae.decoder, "deconv.1", batches, tmp_path / "u", update=True)  # a SiLU: same shape in and out
+    m = collect_activations(vae.decoder, "deconv.1", batches, tmp_path / "u", update=True)  # a SiLU: same shape in and out
+    assert (m.site, m.kind) == ("deconv.1.update", "update")  # recorded as the update site it is
     ref = torch.cat(_reference(vae.decoder.deconv[1], vae.decoder, batches, "update"))
     got = ActivationStore(tmp_path / "u").load()["activations"]
     assert torch.allclose(got, ref.movedim(1, -1).reshape(-1, ref.shape[1]), atol=1e-6, rtol=0)

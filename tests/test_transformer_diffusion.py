@@ -453,3 +453,243 @@ def test_cli_explains_each_family_without_adapter(request, tmp_path, family, opt
     assert data["adapter"]["name"] == family  # chosen from model_index.json
     assert [e["status"] for e in data["latents"]] == ["ok", "ok"]
     assert all((out / e["strip"]).is_file() for e in data["latents"])
+
+
+def record_updates(block, index=None):
+    """Torch hooks on ``block`` recording its update output - input on every call (``index``: the tuple
+    element of the output that continues the input; the input is the first positional argument or the
+    ``hidden_states`` keyword)."""
+    seen, updates = [], []
+
+    def pre(module, args, kwargs):
+        seen.append(args[0] if args else kwargs["hidden_states"])
+
+    def post(module, args, kwargs, out):
+        updates.append((out if index is None else out[index]) - seen.pop())
+
+    return [block.register_forward_pre_hook(pre, with_kwargs=True),
+            block.register_forward_hook(post, with_kwargs=True)], updates
+
+
+@pytest.mark.parametrize("family, site, index", [
+    ("dit", "transformer_blocks.1", None),
+    ("sd3", "transformer_blocks.1", 1),  # a joint block: (text, image) out; the image stream's update
+    ("flux", "transformer_blocks.0", 1),  # a double-stream block
+    ("flux", "single_transformer_blocks.1", 1),
+    ("sdxl", "mid_block", None),
+    ("sdxl", "down_blocks.1.attentions.0", 0),  # a Transformer2DModel returning (hidden_states,): the SDXL-Turbo SAE sites
+])
+def test_update_site_capture_equals_a_hook_reference(request, family, site, index):
+    options = {"dit": {}, "sd3": {"max_sequence_length": 8}, "flux": {"max_sequence_length": 8, "resolution": 16},
+               "sdxl": {}}[family]
+    cls = {"dit": DiTAdapter, "sd3": SD3Adapter, "flux": FluxAdapter, "sdxl": SDXLAdapter}[family]
+    a = cls.from_pretrained(request.getfixturevalue(f"{family}_dir"), steps=2, t_edit=0, edit_scale=1.0,
+                            site=f"{site}.update", **options)
+    assert str(a.site) == f"{site}.update"
+    bases = a.sample_bases(2, seed=SEED)
+    got = a.capture_h(bases, window_only=False)  # the conditional copy of every step
+    block = a.unet.get_submodule(site)
+    handles, updates = record_updates(block, index)
+    try:
+        a.sample(bases)
+    finally:
+        for h in handles:
+            h.remove()
+    ref = torch.stack([u[-2:] for u in updates], dim=1)
+    assert got.shape == ref.shape == (2, 2, *a.h_shape())
+    assert (got - ref).abs().max() <= 1e-5 and ref.abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("family", ["dit", "sd3"])
+def test_an_additive_edit_at_an_update_site_equals_the_edit_at_the_block_output(request, family):
+    """DiT: against the adapter's own .output site; SD3 (whose .output sites are refused): against the
+    pipeline with a hook adding to the image part of the joint block's output."""
+    if family == "dit":
+        a = DiTAdapter.from_pretrained(request.getfixturevalue("dit_dir"), steps=STEPS, t_edit=500, scale=3.0,
+                                       site="transformer_blocks.1.update")
+        b = DiTAdapter.from_pretrained(request.getfixturevalue("dit_dir"), steps=STEPS, t_edit=500, scale=3.0,
+                                       site="transformer_blocks.1.output")
+        v = torch.randn(*a.h_shape(), generator=torch.Generator().manual_seed(4))
+        x, alpha = a.sample_bases(1, seed=SEED).expand(3, 4, 8, 8), torch.tensor([-2.0, 0.0, 2.0])
+        got, ref = a.sample_edited(x, alpha, v), b.sample_edited(x, alpha, v)
+        assert (got - ref).abs().max() <= TOL and (got[2] - got[1]).abs().max() > 0.05
+        return
+    from diffusers import StableDiffusion3Pipeline
+
+    sd3_dir = request.getfixturevalue("sd3_dir")
+    a = SD3Adapter.from_pretrained(sd3_dir, steps=STEPS, t_edit=500, prompt="a photo of a cat", scale=3.0,
+                                   max_sequence_length=8, site="transformer_blocks.1.update")
+    v = torch.randn(*a.h_shape(), generator=torch.Generator().manual_seed(4))
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_dir)
+    pipe.set_progress_bar_config(disable=True)
+    x, alpha = a.sample_bases(1, seed=SEED).expand(3, 4, 8, 8), torch.tensor([-2.0, 0.0, 2.0])
+    calls = []
+
+    def hook(module, args, out):  # (text, image): add to the image tokens on the first two steps
+        calls.append(len(calls))
+        if len(calls) - 1 in (0, 1):
+            return out[0], out[1] + alpha.repeat(2).view(-1, 1, 1) * v
+        return out
+
+    handle = pipe.transformer.transformer_blocks[1].register_forward_hook(hook)
+    try:
+        ref = pipe(prompt="a photo of a cat", latents=x, num_images_per_prompt=3, guidance_scale=7.0,
+                   num_inference_steps=STEPS, max_sequence_length=8, output_type="pt").images
+    finally:
+        handle.remove()
+    got = a.sample_edited(x, alpha, v)
+    assert len(calls) == STEPS and (got - ref).abs().max() <= TOL and (got[2] - got[1]).abs().max() > 0.05
+
+
+def test_cli_explains_an_update_site(dit_dir, sd3_dir, tmp_path, capsys):
+    from pathlib import Path
+
+    from latentexplainer_plugin.cli import main
+    from latentexplainer_plugin.store import read_results
+
+    out = tmp_path / "run"
+    common = ["--direction", "pca", "--n-directions", "2", "--steps", "2", "--t-edit", "0", "--edit-scale", "2", "--samples", "2",
+              "--similarity", "bow", "--quiet"]
+    code = main(["explain", "--model", str(dit_dir), "--site", "transformer_blocks.1.update", *common, "--out", str(out)])
+    assert code == 0
+    data = read_results(out / "results.json")
+    assert data["adapter"]["name"] == "dit" and data["adapter"]["site"] == "transformer_blocks.1.update"
+    assert [e["status"] for e in data["latents"]] == ["ok", "ok"]
+    assert all((out / e["strip"]).is_file() for e in data["latents"])
+    # a misspelt kind and SD3's refused .output: exit 2, the allowed kinds / sites named, quoted in troubleshooting.md
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "troubleshooting.md").read_text()
+    capsys.readouterr()
+    errors = []
+    for model, site in ((dit_dir, "transformer_blocks.1.updat"), (sd3_dir, "transformer_blocks.1.output")):
+        assert main(["explain", "--model", str(model), "--site", site, *common, "--out", str(tmp_path / "bad")]) == 2
+        errors.append(capsys.readouterr().err.strip().splitlines()[-1].replace(str(model), "MODEL"))
+        assert errors[-1] in doc, errors[-1]
+    assert errors[0].endswith("a site is MODULE.KIND with KIND one of input, output, update (e.g. transformer_blocks.1.update)")
+    assert "or transformer_blocks.1.update (the block's update of the image tokens" in errors[1]
+    assert not (tmp_path / "bad" / "results.json").exists()
+
+
+def test_float16_sdxl_decodes_in_float32_like_the_pipeline_and_sd3_does_not(sdxl_dir, sd3_dir):
+    """SDXL's rule: a float16 VAE whose config sets force_upcast decodes in float32 (then goes back to
+    float16); SD3 (like FLUX, PixArt, DiT) decodes in the VAE's dtype. float16 runs on CPU here."""
+    from diffusers import StableDiffusionXLPipeline
+
+    a = SDXLAdapter.from_pretrained(sdxl_dir, dtype="float16", steps=STEPS, t_edit=500, prompt="a photo of a cat", scale=3.0)
+    assert a.vae.config.force_upcast and a.dtype == torch.float16 and a.vae.dtype == torch.float16
+    a.set_directions(torch.randn(1, *a.h_shape(), generator=torch.Generator().manual_seed(1)))
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_dir, add_watermarker=False, dtype=torch.float16)
+    pipe.set_progress_bar_config(disable=True)
+    bases = a.sample_bases(1, seed=SEED)
+    plain = pipe(prompt="a photo of a cat", latents=bases.expand(3, 4, 8, 8).half(), num_images_per_prompt=3,
+                 guidance_scale=5.0, num_inference_steps=STEPS, output_type="pt").images
+    decoded = []
+    handle = a.vae.decoder.register_forward_pre_hook(lambda m, args: decoded.append((args[0].dtype, m.conv_in.weight.dtype)))
+    try:
+        images = a.traverse([0], bases, [-2.0, 0.0, 2.0])[0].images[0, 0]
+    finally:
+        handle.remove()
+    assert decoded == [(torch.float32, torch.float32)] and a.vae.dtype == torch.float16  # upcast for the decode only
+    assert plain.dtype == torch.float32 and (images[1] - plain[1]).abs().max() <= TOL  # strength 0: the pipeline's output
+    assert (images[2] - images[1]).abs().max() > 0.05
+
+    sd3 = SD3Adapter.from_pretrained(sd3_dir, dtype="float16", steps=2, t_edit=0, edit_scale=1.0, max_sequence_length=8)
+    decoded.clear()
+    handle = sd3.vae.decoder.register_forward_pre_hook(lambda m, args: decoded.append((args[0].dtype, m.conv_in.weight.dtype)))
+    try:
+        sd3.sample(sd3.sample_bases(1))
+    finally:
+        handle.remove()
+    assert sd3.vae.config.force_upcast and decoded == [(torch.float16, torch.float16)]
+
+
+@pytest.fixture(scope="module")
+def pixart1024_dir(tmp_path_factory, pixart_dir):
+    """PixArt-alpha's 1024-px layout: sample_size 128 switches on the size conditions (use_additional_conditions)."""
+    torch.manual_seed(0)
+    # width 24: the size conditions take a third of it each (resolution: 2 x 8, aspect ratio: 8)
+    transformer = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8,
+                                           num_layers=4, norm_num_groups=8, cross_attention_dim=24, sample_size=128,
+                                           patch_size=2, caption_channels=16, num_embeds_ada_norm=1000).eval()
+    assert transformer.use_additional_conditions
+    small = PixArtAlphaPipeline.from_pretrained(pixart_dir)
+    root = tmp_path_factory.mktemp("pixart1024") / "pipe"
+    PixArtAlphaPipeline(tokenizer=small.tokenizer, text_encoder=small.text_encoder, vae=small.vae, transformer=transformer,
+                        scheduler=small.scheduler).save_pretrained(root)
+    return root
+
+
+def test_pixart_1024_size_conditions_match_the_pipeline(pixart1024_dir):
+    """At a small resolution (16 px: 8x8 latents) the pipeline, without resolution binning, conditions
+    on (16, 16) and aspect ratio 1; the adapter must do the same, edited and unedited."""
+    a = PixArtAdapter.from_pretrained(pixart1024_dir, steps=STEPS, t_edit=500, prompt="a photo of a cat", scale=3.0,
+                                      max_sequence_length=8, resolution=16)
+    assert a.image_shape == (4, 8, 8) and a.h_shape() == (16, 24) and a.describe()["resolution"] == 16
+    cond, uncond = a.conditioning()
+    assert cond["added_cond_kwargs"]["resolution"].tolist() == [[16.0, 16.0]]
+    assert cond["added_cond_kwargs"]["aspect_ratio"].tolist() == [[1.0]] and uncond["added_cond_kwargs"] is cond["added_cond_kwargs"]
+    assert PixArtAdapter.from_pretrained(pixart1024_dir, steps=2, max_sequence_length=8).image_shape == (4, 128, 128)
+    a.set_directions(torch.randn(1, *a.h_shape(), generator=torch.Generator().manual_seed(1)))
+    pipe = PixArtAlphaPipeline.from_pretrained(pixart1024_dir)
+    pipe.set_progress_bar_config(disable=True)
+    bases = a.sample_bases(1, seed=SEED)
+    x, alpha = bases.expand(3, 4, 8, 8), torch.tensor([-2.0, 0.0, 2.0])
+
+    def run_pipe(height=16):
+        return pipe(prompt="a photo of a cat", latents=x, num_images_per_prompt=3, guidance_scale=4.5,
+                    num_inference_steps=STEPS, height=height, width=16, max_sequence_length=8, clean_caption=False,
+                    use_resolution_binning=False, output_type="pt").images
+
+    plain = run_pipe()
+    handle, calls = hooked(pipe.transformer.transformer_blocks[2], alpha, a.directions[0] * 3.0, window={0, 1})
+    try:
+        ref = run_pipe()
+    finally:
+        handle.remove()
+    got = a.traverse([0], bases, [-2.0, 0.0, 2.0])[0].images[0, 0]
+    assert len(calls) == STEPS and (got - ref).abs().max() <= TOL
+    assert (got[1] - plain[1]).abs().max() <= TOL and (got[2] - plain[2]).abs().max() > 0.05
+    # the conditions matter: the model without them (the 512-px branch) gives other images
+    wrong = a.conditioning
+    try:
+        a.conditioning = lambda: tuple(c | {"added_cond_kwargs": c["added_cond_kwargs"] | {"resolution": c["added_cond_kwargs"]["resolution"] * 64}}
+                                       for c in wrong())
+        a.driver = a._make_driver(STEPS).eval()
+        assert (a.sample(bases) - plain[1]).abs().max() > 1e-3
+    finally:
+        del a.conditioning
+    with pytest.raises(ValueError, match=r"resolution must be a multiple of 4 pixels \(VAE scale factor 2 x patch") as info:
+        PixArtAdapter.from_pretrained(pixart1024_dir, max_sequence_length=8, resolution=18)
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "troubleshooting.md").read_text()
+    quoted = re.sub(r"\d+", "N", doc)  # troubleshooting.md quotes the message at PixArt's real sizes
+    assert f"error: --model MODEL: {re.sub(r'[0-9]+', 'N', str(info.value))}\n" in quoted
+
+
+def test_pca_and_pullback_at_update_sites_of_joint_blocks(sd3_dir, flux_dir):
+    """The pull-back differentiates the image stream's update output[1] - hidden_states of a joint block."""
+    from latentexplainer_plugin.directions.pullback import site_function
+
+    sd3 = SD3Adapter.from_pretrained(sd3_dir, steps=2, t_edit=0, scale=1.0, max_sequence_length=8,
+                                     site="transformer_blocks.1.update")
+    flux = FluxAdapter.from_pretrained(flux_dir, steps=2, t_edit=0, scale=1.0, max_sequence_length=8, resolution=16,
+                                       site="single_transformer_blocks.0.update")
+    for a, block in ((sd3, "transformer_blocks.1"), (flux, "single_transformer_blocks.0")):
+        found = find_directions(a, "pca", 3)
+        assert found.vectors.shape == (3, 16, 16) and found.provenance["site"] == f"{block}.update"
+        pulled = pullback(a, n_directions=2, n_iter=2)
+        assert pulled.vectors.shape == (2, 16, 16) and pulled.x_vectors.shape == (2, 4, 8, 8)
+        # the function the pull-back differentiates is the hooked update of the conditional pass
+        x = a.sample_bases(1, seed=3).to(a.dtype)
+        t = a.timesteps[0]
+        f = site_function(a.unet, a.unet.get_submodule(block), "update", t, a.driver.unet_kwargs)
+        handles, updates = record_updates(a.unet.get_submodule(block), 1)
+        try:
+            with torch.no_grad():
+                got = f(x)
+                a.unet(x, t, return_dict=False, **a.driver.unet_kwargs(1))
+        finally:
+            for h in handles:
+                h.remove()
+        assert (got - updates[-1]).abs().max() <= 1e-6 and got.abs().max() > 1e-2

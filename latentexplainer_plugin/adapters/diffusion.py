@@ -148,7 +148,7 @@ def load_ddpm(path_or_id: str | Path, device: str | torch.device = "cpu", dtype:
 
         problem = hub_problem(source, ("unet/config.json", "config.json"))
         if problem is not None:  # seconds, not the minutes of diffusers' retries
-            raise LoadError(f"--model {source} {problem}; give the local directory of a pipeline (unet/ and scheduler/) "
+            raise LoadError(f"model={source!r} {problem}; give the local directory of a pipeline (unet/ and scheduler/) "
                             "or of a UNet saved with save_pretrained(dir)")
         root, unet_sub, sched_sub = source, "unet", "scheduler"
     low_memory = importlib.util.find_spec("accelerate") is not None  # else diffusers warns on every load
@@ -316,6 +316,8 @@ class DDPMAdapter(Adapter):
         self.directions: torch.Tensor | None = None
         self.provenance: dict[str, Any] = {}
         self._scales: torch.Tensor | None = None
+        if self.site.kind == "update":  # a block that resamples has no update: refuse it now, not after sampling
+            self.h_shape()
         if directions is not None:
             self.set_directions(directions)
 
@@ -489,7 +491,7 @@ class DDPMAdapter(Adapter):
             raise ValueError(
                 f"the ddpm adapter draws one row per base, but the bias asks for {rows} rows (the disentanglement "
                 f"comparison clamps another latent, which h-space directions do not have); use the combination bias "
-                f"(--bias combination, bias='combination') or the conditional one"
+                f"(bias='combination') or the conditional one"
             )
         if directions is not None:  # these directions only, the adapter's own stay
             units = self._unit_directions(directions)[0]

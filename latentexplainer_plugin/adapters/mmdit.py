@@ -2,7 +2,8 @@
 
 Their blocks return ``(text, image)`` hidden states, so sites are block *inputs*
 (``transformer_blocks.N.input``: the image tokens entering block N, the block's ``hidden_states``
-argument); an ``.output`` site on a block is refused (it would edit the text tokens). Both sample
+argument) or *updates* (``transformer_blocks.N.update``: the image stream's output - input, see
+``hooks.sites.UPDATE_OUTPUT_INDEX``); an ``.output`` site on a block is refused (it would edit the text tokens). Both sample
 with flow matching (``FlowMatchEulerDiscreteScheduler``): a copy of the pipeline's scheduler gets the
 identity ``scale_model_input`` and ``init_noise_sigma`` = 1 that the pipelines imply, so the DDPM
 tools (the loop, the pull-back) run unchanged. Everything else is :mod:`.transformer_diffusion`'s.
@@ -30,7 +31,8 @@ def refuse_block_output_site(site: Any, family: str, blocks: tuple[str, ...]) ->
     if site.kind == "output" and len(parts) == 2 and parts[0] in blocks:
         raise ValueError(f"site {site}: {family}'s joint blocks return (text, image) hidden states, and an output edit "
                          f"would change the text tokens; use {site.path}.input (the image tokens entering that block, "
-                         "i.e. the image output of the block before)")
+                         f"i.e. the image output of the block before) or {site.path}.update (the block's update of the "
+                         "image tokens, output - input)")
 
 
 def flow_matching_scheduler(scheduler: Any, **set_timesteps_defaults: Any) -> Any:

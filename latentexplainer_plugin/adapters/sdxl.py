@@ -33,11 +33,14 @@ class SDXLAdapter(TransformerDiffusionAdapter):
     by ``_get_add_time_ids`` at the model's default resolution (original = target size, no crop).
     An empty ``negative_prompt`` gives the zero embeddings the pipeline uses
     (``force_zeros_for_empty_prompt``). The scheduler is the pipeline's own (Euler for SDXL base).
+    With ``dtype="float16"`` the decode follows the pipeline: a VAE whose config sets
+    ``force_upcast`` (SDXL base's does: it overflows in float16) decodes in float32 and is cast back.
     """
 
     name = "sdxl"
     pipeline_classes = ("StableDiffusionXLPipeline",)
     denoiser_part = "unet"  # called through DenoiserCall like the transformers: a UNet takes (x, timestep=, ...) too
+    upcast_vae = True  # StableDiffusionXLPipeline decodes a float16 VAE with force_upcast in float32
     Options = SDXLOptions
 
     def __init__(self, pipeline: Any, *, prompt: str = "a photograph", negative_prompt: str = "", guidance_scale: float = 5.0,

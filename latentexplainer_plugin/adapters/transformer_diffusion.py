@@ -104,9 +104,10 @@ class TransformerSamplingLoop(SamplingLoop):
 
     def __init__(self, denoiser: DenoiserCall, scheduler: Any, steps: int, vae: nn.Module, cond: Conditioning,
                  uncond: Conditioning | None, guidance_scale: float, scale_initial_noise: bool = True,
-                 shared: dict[str, Any] | None = None):
+                 shared: dict[str, Any] | None = None, upcast_vae: bool = False):
         super().__init__(denoiser, scheduler, steps)
         self.vae = vae
+        self.upcast_vae = upcast_vae  # SDXL's rule: a float16 VAE with force_upcast decodes in float32
         self.cond, self.uncond, self.guidance_scale = cond, uncond, guidance_scale
         self.shared = shared or {}  # keywords without a batch dimension (FLUX's position ids), passed as they are
         self.scale_initial_noise = scale_initial_noise
@@ -132,9 +133,31 @@ class TransformerSamplingLoop(SamplingLoop):
         return out
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        config = getattr(self.vae, "config", None)
-        x = x / getattr(config, "scaling_factor", 1.0) + (getattr(config, "shift_factor", None) or 0.0)  # SD3: a shift too
-        return self.vae.decode(x.to(self.vae.dtype), return_dict=False)[0]
+        """Latents -> images, as the pipeline decodes: cast to the VAE's dtype, then unscale (SD3 / FLUX: and
+        shift; SDXL: de-normalize with ``latents_mean`` / ``latents_std`` when the VAE has them).
+
+        With ``upcast_vae`` (SDXL) a float16 VAE whose config sets ``force_upcast`` is cast to float32
+        for the decode and back afterwards, as ``StableDiffusionXLPipeline`` does (such VAEs overflow
+        in float16); the other pipelines decode in the VAE's own dtype.
+        """
+        vae = self.vae
+        config = getattr(vae, "config", None)
+        upcast = self.upcast_vae and vae.dtype == torch.float16 and bool(getattr(config, "force_upcast", False))
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            x = x.to(vae.dtype)
+            mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+            if self.upcast_vae and mean is not None and std is not None:  # SDXL's de-normalization
+                shape = (1, -1) + (1,) * (x.ndim - 2)
+                mean, std = (torch.tensor(v).view(shape).to(x.device, x.dtype) for v in (mean, std))
+                x = x * std / config.scaling_factor + mean
+            else:
+                x = x / getattr(config, "scaling_factor", 1.0) + (getattr(config, "shift_factor", None) or 0.0)
+            return vae.decode(x, return_dict=False)[0]
+        finally:
+            if upcast:
+                vae.to(torch.float16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sch = self.scheduler
@@ -171,6 +194,7 @@ class TransformerDiffusionAdapter(DDPMAdapter):
     denoiser_part: ClassVar[str] = "transformer"  # the pipeline attribute holding the denoiser
     timestep_divisor: ClassVar[float] = 1.0
     scale_initial_noise: ClassVar[bool] = True
+    upcast_vae: ClassVar[bool] = False  # the pipeline decodes a float16 force_upcast VAE in float32 (SDXL)
     capabilities: ClassVar[frozenset[str]] = frozenset({"directions", "sampling_loop"})
 
     def __init__(self, pipeline: Any, *, guidance_scale: float = 4.0, device: str | torch.device | None = None,
@@ -197,9 +221,7 @@ class TransformerDiffusionAdapter(DDPMAdapter):
                 or (target is not None and target != denoiser_module.dtype)):  # loaded so already: no second cast
             pipeline.to(device=device, dtype=target)
         self.transformer = denoiser_module.eval()
-        self.vae = pipeline.vae.eval()
-        if target == torch.float16 and getattr(self.vae.config, "force_upcast", False):
-            self.vae.to(torch.float32)  # as the pipelines do: such VAEs overflow in float16
+        self.vae = pipeline.vae.eval()  # stays in its dtype: see TransformerSamplingLoop.decode for SDXL's upcast
         denoiser = DenoiserCall(self.transformer, self.timestep_divisor, *self.packing(pipeline)).eval()
         if options.get("site") is None:
             options["site"] = hook().latentexplainer_default_site(model=self.transformer)
@@ -236,7 +258,7 @@ class TransformerDiffusionAdapter(DDPMAdapter):
     def _make_driver(self, steps: int) -> nn.Module:
         cond, uncond = self.conditioning()
         return TransformerSamplingLoop(self.unet, self.scheduler, steps, self.vae, cond, uncond if self.copies > 1 else None,
-                                       self.guidance_scale, self.scale_initial_noise, self.shared_kwargs())
+                                       self.guidance_scale, self.scale_initial_noise, self.shared_kwargs(), self.upcast_vae)
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -331,6 +353,7 @@ class PixArtOptions(TransformerDiffusionOptions):
     guidance_scale: NonNegativeFloat = Field(4.5, description="classifier-free guidance weight (<= 1: none)")
     steps: PositiveInt = Field(20, description="denoising steps per image")
     max_sequence_length: Optional[PositiveInt] = Field(None, description="T5 tokens per prompt (default: the pipeline's, 120 alpha / 300 sigma)")
+    resolution: Optional[PositiveInt] = Field(None, description="image side in pixels (default: the model's, sample_size x the VAE's scale factor)")
 
 
 class PixArtAdapter(TransformerDiffusionAdapter):
@@ -342,8 +365,17 @@ class PixArtAdapter(TransformerDiffusionAdapter):
             caption cleaning (``clean_caption=False``: it needs bs4 and ftfy).
         guidance_scale: the pipeline's default 4.5 (<= 1: no guidance).
         max_sequence_length: T5 tokens (default: the pipeline's).
-        Everything else as :class:`DDPMAdapter`. PixArt-alpha at 1024 px (``sample_size`` 128) also
-        gets the resolution / aspect-ratio conditions the pipeline adds.
+        resolution: the side of the square images in pixels (default: the model's, ``sample_size``
+            x the VAE's scale factor: 1024 for PixArt-alpha 1024, 512 / 256 for the others).
+        Everything else as :class:`DDPMAdapter`.
+
+    PixArt-alpha at 1024 px (``sample_size`` 128) is conditioned on the image size: as
+    ``PixArtAlphaPipeline`` does, the adapter passes ``resolution`` = (side, side) and
+    ``aspect_ratio`` = 1.0 as added conditions (the transformer uses them when its
+    ``use_additional_conditions`` is on, the default for ``sample_size`` 128). The images are made at
+    exactly ``resolution``: the pipeline's ``use_resolution_binning`` (generate at the nearest trained
+    size, then resize) is not applied; 1024 x 1024 is a trained size, so the default matches the
+    pipeline's default call.
     """
 
     name = "pixart"
@@ -351,17 +383,26 @@ class PixArtAdapter(TransformerDiffusionAdapter):
     Options = PixArtOptions
 
     def __init__(self, pipeline: Any, *, prompt: str = "a photograph", negative_prompt: str = "", guidance_scale: float = 4.5,
-                 max_sequence_length: int | None = None, steps: int = 20, **options: Any):
+                 max_sequence_length: int | None = None, steps: int = 20, resolution: int | None = None, **options: Any):
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
         if not isinstance(negative_prompt, str):
             raise ValueError(f"negative_prompt must be a string, got {negative_prompt!r}")
         if max_sequence_length is not None and (not isinstance(max_sequence_length, int) or max_sequence_length < 1):
             raise ValueError(f"max_sequence_length must be an integer >= 1, got {max_sequence_length!r}")
+        if resolution is not None and (not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 1):
+            raise ValueError(f"resolution must be an image side in pixels (an integer >= 1), got {resolution!r}")
         pipeline = self.resolve_pipeline(pipeline, options)
-        for part in ("text_encoder", "tokenizer"):
+        for part in ("transformer", "text_encoder", "tokenizer"):
             if getattr(pipeline, part, None) is None:
                 raise TypeError(f"PixArtAdapter needs the pipeline's {part} (a PixArt pipeline or its directory)")
+        scale = int(getattr(pipeline, "vae_scale_factor", 8))
+        patch = int(pipeline.transformer.config.patch_size)
+        side = int(resolution or int(pipeline.transformer.config.sample_size) * scale)
+        if side % (scale * patch):
+            raise ValueError(f"resolution must be a multiple of {scale * patch} pixels (VAE scale factor {scale} x patch size "
+                             f"{patch}), got {side}")
+        self.resolution, self.latent_side = side, side // scale
         self.prompt, self.negative_prompt, self.max_sequence_length = prompt, negative_prompt, max_sequence_length
         super().__init__(pipeline, guidance_scale=guidance_scale, steps=steps, **options)
 
@@ -373,11 +414,10 @@ class PixArtAdapter(TransformerDiffusionAdapter):
             self.prompt, self.copies > 1, negative_prompt=self.negative_prompt, num_images_per_prompt=1, device=device,
             clean_caption=False, **extra)
         added: dict[str, Any] = {"resolution": None, "aspect_ratio": None}
-        config = self.transformer.config
-        if config.sample_size == 128:  # PixArt-alpha 1024px: micro-conditions on the image size
-            side = config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
-            added = {"resolution": torch.tensor([[side, side]], dtype=dtype, device=device),
-                     "aspect_ratio": torch.tensor([[1.0]], dtype=dtype, device=device)}
+        if self.transformer.config.sample_size == 128:  # PixArt-alpha 1024px: the pipeline's size conditions
+            side = self.resolution
+            added = {"resolution": torch.tensor([[side, side]], dtype=embeds.dtype, device=device).to(dtype),
+                     "aspect_ratio": torch.tensor([[1.0]], dtype=embeds.dtype, device=device).to(dtype)}
         cond = {"encoder_hidden_states": embeds.to(dtype), "encoder_attention_mask": mask, "added_cond_kwargs": added}
         if self.copies == 1:
             return cond, None
@@ -390,5 +430,10 @@ class PixArtAdapter(TransformerDiffusionAdapter):
         return super().from_pretrained(path_or_id, device=device, dtype=dtype, steps=steps, t_edit=t_edit,
                                        allow_pickle=allow_pickle, **options)
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return int(self.transformer.config.in_channels), self.latent_side, self.latent_side
+
     def describe(self) -> dict[str, Any]:
-        return super().describe() | {"prompt": self.prompt, "negative_prompt": self.negative_prompt}
+        return super().describe() | {"prompt": self.prompt, "negative_prompt": self.negative_prompt,
+                                     "resolution": self.resolution}

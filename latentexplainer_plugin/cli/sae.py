@@ -34,6 +34,8 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
     if driver is None:
         raise UsageError(f"the {name} adapter has no driver module to collect activations from")
     site = Site.parse(args.site) if args.site else adapter.site
+    if args.update:  # the SAE's hook name says where it reads: steering edits the same update site
+        site = Site(site.path, "update")
     from ..sae.collect import collect_activations
     from ..sae.train import train_sae
 

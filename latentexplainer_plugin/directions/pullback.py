@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..hooks import resolve_module
+from ..hooks import register_site_hooks, resolve_module
+from ..types import Site
 from .base import Directions
 
 
@@ -38,7 +39,7 @@ class _Stop(Exception):
 
 
 def site_function(unet: torch.nn.Module, module: torch.nn.Module, kind: str, t: int, unet_kwargs=None):
-    """``f(x_t) -> h``: run ``unet`` at timestep ``t`` up to ``module`` and return its output (or input).
+    """``f(x_t) -> h``: run ``unet`` at timestep ``t`` up to ``module`` and return its output (or input, or update).
 
     ``unet_kwargs(n)`` gives extra UNet arguments for a batch of n (e.g. the prompt's embeddings).
     """
@@ -50,16 +51,14 @@ def site_function(unet: torch.nn.Module, module: torch.nn.Module, kind: str, t: 
             found.append(value[0] if isinstance(value, (tuple, list)) else value)
             raise _Stop
 
-        if kind == "input":
-            handle = module.register_forward_pre_hook(lambda m, a, kw: record(a[0] if a else next(iter(kw.values()))), with_kwargs=True)
-        else:
-            handle = module.register_forward_hook(lambda m, a, out: record(out))
+        handles = register_site_hooks(module, Site("", kind), record)  # input, output or update (output - input)
         try:
             unet(x, t, return_dict=False, **(unet_kwargs(len(x)) if unet_kwargs is not None else {}))
         except _Stop:
             pass
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         if not found:
             raise RuntimeError(f"the UNet never reached {module.__class__.__name__} during its forward pass")
         return found[0]

@@ -1,9 +1,10 @@
 """Latent sites in any torch model: find, probe, capture and edit them (through nnsight)."""
 
 from .intervene import apply_edit, capture, run_with_edit, wrap
-from .sites import EditError, SiteError, check_finite, module_paths, probe_shape, resolve_module, validate_strengths
+from .sites import (EditError, SiteError, block_update, check_finite, module_paths, probe_shape, register_site_hooks,
+                    resolve_module, update_output_index, validate_strengths)
 
 __all__ = [
-    "EditError", "SiteError", "apply_edit", "capture", "check_finite", "module_paths", "probe_shape",
-    "resolve_module", "run_with_edit", "validate_strengths", "wrap",
+    "EditError", "SiteError", "apply_edit", "block_update", "capture", "check_finite", "module_paths", "probe_shape",
+    "register_site_hooks", "resolve_module", "run_with_edit", "update_output_index", "validate_strengths", "wrap",
 ]

@@ -2,6 +2,8 @@
 
 The model can call the site once (a decoder) or many times (a sampling loop whose forward runs
 the denoiser N times): pass ``calls=N`` and the k-th call of the site is the k-th step.
+A site of kind ``update`` is a block's residual update u = output - input: capture returns u, an
+edit replaces the output by input + edit(u) (for ``add`` the same as adding to the output).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from torch import nn
 
 from ..plugins import hook
 from ..types import Edit, Site
-from .sites import EditError, check_finite, probe_shape, resolve_module, validate_strengths
+from .sites import (EditError, block_update, check_finite, output_part, probe_shape, resolve_module, update_output_index,
+                    validate_strengths, with_output_part)
 
 _wrapped: "weakref.WeakKeyDictionary[nn.Module, NNsight]" = weakref.WeakKeyDictionary()
 
@@ -74,6 +77,32 @@ def _edit_value(value: Any, edit: Edit) -> Any:
     return apply_edit(value, edit)
 
 
+def _read(envoy: Any, site: Site, index: int) -> Any:
+    """The value at ``site`` in a trace: the module's input, its output, or its update output[index] - input."""
+    if site.kind == "input":
+        return envoy.input
+    if site.kind == "output":
+        return envoy.output
+    inputs = envoy.input
+    return block_update(site, inputs, envoy.output, index)
+
+
+def _write(envoy: Any, site: Site, edit: Edit, index: int) -> None:
+    """Apply ``edit`` at ``site`` in a trace; at an update site u = out - in the output becomes in + edit(u).
+
+    That output is computed as out + (edit(u) - u): the same value, but coordinates the rule leaves
+    alone (a strength 0, the other features of ``set``) keep the block's output bit for bit.
+    """
+    if site.kind == "input":
+        envoy.input = _edit_value(envoy.input, edit)
+    elif site.kind == "output":
+        envoy.output = _edit_value(envoy.output, edit)
+    else:
+        inputs, output = envoy.input, envoy.output
+        update = block_update(site, inputs, output, index)
+        envoy.output = with_output_part(output, index, output_part(output, index) + (apply_edit(update, edit) - update))
+
+
 def _check_calls(calls: int) -> None:
     if not isinstance(calls, int) or calls < 1:
         raise ValueError(f"calls must be an int >= 1 (how many times the forward pass calls the site), got {calls!r}")
@@ -85,18 +114,16 @@ def capture(model: nn.Module, site: Site, *args, calls: int = 1, observe: bool =
     Every captured activation is also passed to the ``latentexplainer_latent_captured`` hook.
     """
     _check_calls(calls)
-    resolve_module(model, site.path)
+    index = update_output_index(resolve_module(model, site.path))
     wrapped = wrap(model)
     with wrapped.trace(*args, **kwargs) as tracer:
         saved = save([])  # values that are not saved are unbound after the trace
         envoy = _envoy(wrapped, site.path)
         if calls == 1:
-            value = envoy.input if site.kind == "input" else envoy.output
-            saved.append(value)
+            saved.append(_read(envoy, site, index))
         else:
             for _ in tracer.iter[:calls]:
-                value = envoy.input if site.kind == "input" else envoy.output
-                saved.append(value)
+                saved.append(_read(envoy, site, index))
     out = [(v[0] if isinstance(v, tuple) else v).detach() for v in saved]
     if observe:
         for i, activation in enumerate(out):
@@ -113,7 +140,7 @@ def run_with_edit(model: nn.Module, site: Site, edit: Edit, *args, calls: int = 
     With ``calls > 1`` the edit applies to the calls selected by ``edit.calls`` (all by default).
     """
     _check_calls(calls)
-    resolve_module(model, site.path)
+    index = update_output_index(resolve_module(model, site.path))
     shape = expected_shape if expected_shape is not None else probe_shape(model, site, *args, **kwargs)
     check_edit(edit, tuple(shape))
     window = set(range(calls)[edit.calls]) if edit.calls is not None else set(range(calls))
@@ -121,16 +148,10 @@ def run_with_edit(model: nn.Module, site: Site, edit: Edit, *args, calls: int = 
     with wrapped.trace(*args, **kwargs) as tracer:
         envoy = _envoy(wrapped, site.path)
         if calls == 1:
-            if site.kind == "input":
-                envoy.input = _edit_value(envoy.input, edit)
-            else:
-                envoy.output = _edit_value(envoy.output, edit)
+            _write(envoy, site, edit, index)
         else:
             for step in tracer.iter[:calls]:
                 if step in window:
-                    if site.kind == "input":
-                        envoy.input = _edit_value(envoy.input, edit)
-                    else:
-                        envoy.output = _edit_value(envoy.output, edit)
+                    _write(envoy, site, edit, index)
         result = wrapped.output.save()
     return result

@@ -165,18 +165,24 @@ def collect_activations(
     shard_rows: int = 65536,
     dtype: str = "float32",
     max_items: int | None = None,
+    select: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
 ) -> Manifest:
     """Run ``model`` over ``batches`` and write the activations at ``site`` to ``out_dir`` in shards.
 
     ``batches`` yields model inputs (a tensor: ``model(x)``; a tuple: ``model(*args)``; a dict:
     ``model(**kwargs)``), or is a callable returning such an iterable. ``update=True`` collects a
-    block's update, output - input (the site's ``kind`` is then ignored; input and output must have
-    the same shape). ``calls`` is how many times one forward pass calls the site (the steps of a
+    block's update, output - input (the site's ``kind`` is then ignored and recorded as ``update``;
+    input and output must have the same shape). ``calls`` is how many times one forward pass calls the site (the steps of a
     sampling loop); every call is kept, with its number in the ``call`` column. Each captured batch
     is passed to the ``latentexplainer_latent_captured`` hook (for ``update``: the input and the
-    output, as captured). Returns the manifest, also written to ``out_dir/manifest.json``.
+    output, as captured). ``select(batch, activation)``, when given, returns the part of each captured
+    activation to keep (batch first, e.g. a language-model layer's states at the image-token positions
+    of a VLM prompt, see :func:`latentexplainer_plugin.vlm.collect_image_token_activations`); rows and
+    positions are counted after it. Returns the manifest, also written to ``out_dir/manifest.json``.
     """
     site = Site.parse(site) if isinstance(site, str) else site
+    if update:  # recorded as what it is: the site of the block's update, where steering must edit too
+        site = Site(site.path, "update")
     if layout not in LAYOUTS:
         raise CollectError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if dtype not in DTYPES:
@@ -187,6 +193,8 @@ def collect_activations(
         raise CollectError(f"calls must be an int >= 1 (how many times one forward pass calls the site), got {calls!r}")
     if max_items is not None and (not isinstance(max_items, int) or max_items < 1):
         raise CollectError(f"max_items must be None or an int >= 1, got {max_items!r}")
+    if select is not None and not callable(select):
+        raise CollectError(f"select must be None or a function (batch, activation) -> activation, got {type(select).__name__}")
     resolve_module(model, site.path)  # unknown path: SiteError with suggestions, before any forward
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -214,6 +222,8 @@ def collect_activations(
                 acts = [b - a for a, b in pairs]
             else:
                 acts = capture(model, site, *args, calls=calls, observe=True, **kwargs)
+            if select is not None:
+                acts = [select(batch, act) for act in acts]
             n = acts[0].shape[0]
             keep = n if max_items is None else min(n, max_items - items)
             for c, act in enumerate(acts):
@@ -222,7 +232,7 @@ def collect_activations(
                 act = act[:keep].float()
                 rows, positions = to_rows(act, layout)
                 if manifest is None:
-                    manifest = Manifest(site=str(site), path=site.path, kind=site.kind, update=update,
+                    manifest = Manifest(site=str(site), path=site.path, kind=site.kind, update=site.kind == "update",
                                         layout=_resolve_layout(layout, act.ndim), d_in=rows.shape[1],
                                         item_shape=list(act.shape[1:]), positions=positions, calls=calls,
                                         dtype=dtype, shard_rows=shard_rows)
