@@ -18,7 +18,7 @@ from captum.attr import Attribution
 from captum.log import log_usage
 
 from .adapters.base import DEFAULT_STRENGTHS, Adapter, check_strengths
-from .backends.base import Backend
+from .backends.base import Backend, FatalBackendError
 from .biases.base import InductiveBias, build_prompt
 from .components import get_adapter, get_backend, get_bias
 from .evidence import MIN_STRIPS, NonFiniteImagesError, traversal_evidence
@@ -55,6 +55,10 @@ class LatentExplainer:
         clamp: for two-row biases, which latent j to clamp for latent i (mapping or callable).
         context: extra prompt words, e.g. ``{"property": "smiling"}`` for the conditional bias.
         chunk_size: latents traversed and explained per round (results arrive per round).
+
+    SAE features whose adapter has example evidence (``SAEFeatureAdapter.attach_examples``) are also
+    explained from their example sets (``Backend.explain_examples``); each result then carries that
+    record in ``extras["examples"]`` beside the steering explanation (docs/sae.md).
     """
 
     def __init__(self, generator: Any, backend: str | Backend = "offline", bias: str | InductiveBias | None = None,
@@ -143,7 +147,42 @@ class LatentExplainer:
                 answer = prep_error if prep_error is not None else next(answers)
                 result = self._select(index, traversal, answer)
                 result.timing = {"traverse_s": t_traverse, "explain_s": t_explain} | result.timing
+                if getattr(self.adapter, "has_examples", False):  # SAE features given a dataset: second evidence
+                    self._add_examples(result)
                 yield result
+
+    def _add_examples(self, result: LatentResult) -> None:
+        """Explain ``result``'s feature from its example set too (the adapter's ``example_set``):
+        the record goes to ``result.extras["examples"]``, the set and its prompt image to
+        ``result.example_evidence`` (``report.examples.ExamplesWriter`` saves the image)."""
+        from .biases.examples import build_example_prompt
+        from .results import responses_json
+        from .types import usage_of
+
+        t0 = time.perf_counter()
+        try:
+            examples = self.adapter.example_set(result.index)
+            prompt = build_example_prompt(examples)
+            answers = self.backend.explain_examples(examples, prompt, self.samples)
+        except FatalBackendError:
+            raise
+        except Exception as exc:  # reported for this feature's examples; the steering result stands
+            result.extras["examples"] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+            return
+        record: dict[str, Any] = {"status": "ok", "n_firing": examples.n_active, "n_not_firing": examples.n_inactive,
+                                  "iou": examples.meta.get("iou"), "items": examples.meta.get("items"),
+                                  "inactive_items": examples.meta.get("inactive_items")}
+        try:
+            chosen = select_explanation(answers, self.similarity, self._threshold()[0])
+        except ValueError as exc:  # every sample failed
+            record |= {"status": "failed", "error": str(exc), "responses": responses_json(answers)}
+        else:
+            record |= {"explanation": chosen.explanation if chosen.clear else None, "certainty": chosen.certainty,
+                       "clear": bool(chosen.clear), "note": chosen.note, "responses": responses_json(chosen.responses),
+                       "usage": usage_of(chosen.responses)}
+        result.extras["examples"] = record
+        result.example_evidence = (examples, prompt.images[0])
+        result.timing["examples_s"] = time.perf_counter() - t0
 
     def _select(self, index: int, traversal: Any, answer: Any) -> LatentResult:
         lid = self.adapter.latent_id(index)

@@ -25,6 +25,16 @@ def total_usage(entries: Iterable[dict[str, Any]]) -> dict[str, int]:
     return total
 
 
+def responses_json(responses: Iterable[Response]) -> list[dict[str, Any]]:
+    """The results.json form of answers: text, abstained, error, finish_reason, and their claims."""
+    return [
+        {"text": r.text, "abstained": r.abstained, "error": r.error, "finish_reason": (r.meta or {}).get("finish_reason")}
+        | ({"attribute": str(r.meta["attribute"])} if (r.meta or {}).get("attribute") else {})
+        | ({"claims": list(r.meta["claims"])} if isinstance((r.meta or {}).get("claims"), list) else {})
+        for r in responses
+    ]
+
+
 @dataclass
 class LatentResult:
     """The outcome for one latent (or direction)."""
@@ -41,6 +51,8 @@ class LatentResult:
     timing: dict[str, float] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)  # kl, factor, attribution, ...
     evidence: Any = None  # evidence.Evidence: what the images show (None when not measured)
+    # SAE features with example evidence: (ExampleSet, prompt image); its record is extras["examples"]
+    example_evidence: Any = None
 
     def to_json(self, strip: str | None = None) -> dict[str, Any]:
         return {
@@ -50,13 +62,7 @@ class LatentResult:
             "explanation": self.explanation if self.clear else None,
             "certainty": self.certainty,
             "clear": bool(self.clear),
-            "responses": [
-                {"text": r.text, "abstained": r.abstained, "error": r.error,
-                 "finish_reason": (r.meta or {}).get("finish_reason")}
-                | ({"attribute": str(r.meta["attribute"])} if (r.meta or {}).get("attribute") else {})
-                | ({"claims": list(r.meta["claims"])} if isinstance((r.meta or {}).get("claims"), list) else {})
-                for r in self.responses
-            ],
+            "responses": responses_json(self.responses),
             "usage": usage_of(self.responses),
             "strip": strip,
             "error": self.error,

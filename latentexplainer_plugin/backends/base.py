@@ -7,7 +7,7 @@ from typing import Any, Callable, ClassVar
 
 from ..errors import BackendError, FatalBackendError  # noqa: F401 (re-exported)
 from ..options import ComponentOptions
-from ..types import Prompt, Response, Traversal
+from ..types import ExampleSet, Prompt, Response, Traversal
 
 
 class Backend(ABC):
@@ -53,6 +53,27 @@ class Backend(ABC):
     def describe(self) -> dict:
         """Settings worth recording in results.json (never secrets)."""
         return {"name": self.name}
+
+    def explain_examples(self, examples: ExampleSet, prompt: Prompt, n: int) -> list[Response]:
+        """Return exactly ``n`` responses for a feature's example set (``prompt`` from
+        :func:`~latentexplainer_plugin.biases.examples.build_example_prompt`).
+
+        The default sends the prompt (its text and grid image) through :meth:`explain`, with the
+        activating images as a one-row traversal: right for backends that answer from the prompt
+        alone (chat models: OpenAI-compatible, hf). A wrapper that keeps the real backend in
+        ``.backend`` (the response cache) hands the call on when that backend has its own method.
+        A backend that reads the traversal's images itself (``samples_from_bases``) must override
+        this method (see ``OfflineBackend.explain_examples``).
+        """
+        inner = getattr(self, "backend", None)
+        if isinstance(inner, Backend) and type(inner).explain_examples is not Backend.explain_examples:
+            return inner.explain_examples(examples, prompt, n)
+        if self.samples_from_bases or (isinstance(inner, Backend) and inner.samples_from_bases):
+            raise BackendError(
+                f"{type(self).__name__} reads the traversal images, not the prompt, so it cannot answer an example "
+                "set through explain(); implement explain_examples(examples, prompt, n) (see "
+                "latentexplainer_plugin.backends.offline.OfflineBackend.explain_examples)")
+        return self.explain(examples.as_traversal(), prompt, n)
 
     def explain_many(
         self,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import OptionError, UnknownComponentError, UsageError
-from .common import _parse_floats, _parse_ints, check_device
+from .common import _parse_floats, _parse_ints, check_device, in_flag_words
 from .routing import Selected, flags_given, render, route, validate
 
 
@@ -239,13 +239,15 @@ def _rank_plan(explainer: Any, out_dir: str, rank_by: str | None, score: str | N
     ``mean``), keep the ``--top-k`` among ``targets``, record attribution and rank per latent.
     """
     from ..ranking import rank_latents
+    from ..report.examples import ExamplesWriter
     from ..report.heatmaps import HeatmapWriter
 
     heatmaps = HeatmapWriter(out_dir, score)
+    examples = ExamplesWriter(out_dir)  # SAE features with example evidence: examples/<id>.png
     latent_extras = getattr(explainer.adapter, "latent_extras", None)  # what the adapter knows per latent
 
     def own(result: Any) -> dict[str, Any]:
-        return latent_extras(result.index) if callable(latent_extras) else {}
+        return (latent_extras(result.index) if callable(latent_extras) else {}) | examples(result)
 
     if rank_by is None and score is None:
         return (list(targets) if targets is not None else None), (lambda result: heatmaps(result) | own(result)), {}
@@ -293,6 +295,7 @@ def _explain(args: argparse.Namespace, plan: Plan, adapter: Any, header: dict[st
         if callable(close):
             close()
     text, code = summarize(data)
+    text = in_flag_words(text)
     print(text)
     stats_of = getattr(explainer.backend, "stats", None)
     if callable(stats_of) and stats_of().get("enabled"):
@@ -320,6 +323,11 @@ def explain_model(args: argparse.Namespace, model: Any, adapter_name: str, heade
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
     adapter = _build_adapter(args, plan, model)
+    if plan.sae is not None and data is not None:  # SAE features: example evidence and statistics from the data
+        try:
+            adapter.attach_examples(data["images"], masks=data.get("masks"))
+        except ValueError as exc:
+            raise UsageError(f"--data {args.data}: {exc}") from None
     if plan.finder is not None:
         header = header | {"directions": _directions(args, plan, adapter, data)}
     stats = None
@@ -331,8 +339,21 @@ def explain_model(args: argparse.Namespace, model: Any, adapter_name: str, heade
     return _explain(args, plan, adapter, header, stats)
 
 
+DEMO_SAE_TRAIN = True  # ``demo --sae`` without a path: train an SAE here and explain it (cli/demo_sae.py)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..demo import demo_data, load_demo_model
+
+    if getattr(args, "sae", None) is DEMO_SAE_TRAIN:
+        from .demo_sae import print_summary, run_demo_sae
+
+        if args.samples < 1:
+            raise UsageError(f"--samples must be >= 1, got {args.samples}")
+        print_summary(run_demo_sae(args.out, samples=args.samples, seed=args.seed, progress=not args.quiet,
+                                   force=args.force))
+        print(f"wrote {Path(args.out) / 'results.json'}, sae_demo.json and report.html")
+        return 0
 
     plan = plan_explain(args, "vae")  # every input checked before the model loads
     model = load_demo_model(device="cpu").to(args.device)

@@ -112,6 +112,35 @@ def _bar(certainty: float, threshold: float | None) -> str:
             f" certainty {certainty:.2f}")
 
 
+def _examples(entry: dict[str, Any], threshold: float | None) -> str:
+    """The example-evidence panel of an SAE feature: its explanation (or why none), certainty, the image."""
+    record = entry.get("examples")
+    if not isinstance(record, dict):
+        return ""
+    if record.get("status") == "failed":
+        body = f"<div class='expl'>Examples: failed: {_e(record.get('error'))}</div>"
+    elif record.get("clear") and record.get("explanation"):
+        body = f"<div class='expl'>Examples: {_e(record.get('explanation'))}</div>"
+    else:
+        note = f" ({_e(record.get('note'))})" if record.get("note") else ""
+        body = f"<div class='expl'>Examples: no clear explanation{note}.</div>"
+    meta = []
+    certainty = _num(record.get("certainty"))
+    if certainty is not None:
+        meta.append(_bar(certainty, threshold))
+    for key, label in (("n_firing", "firing images"), ("n_not_firing", "not firing")):
+        if _num(record.get(key)) is not None:
+            meta.append(f"{int(record[key])} {label}")
+    iou = _num(record.get("iou"))
+    if iou is not None:
+        meta.append(f"IoU vs object masks {iou:.2f}")
+    image = _src(record.get("image"))
+    figure = (f"<figure><img class='strip' alt='examples of {_e(entry.get('id'))}' src='{image}'><figcaption>where it "
+              "fires (bright: where on the image), where it does not</figcaption></figure>") if image else ""
+    return (f"<div class='examples'>{body}<div class='meta'>{' · '.join(meta)}</div>"
+            f"<div class='images'>{figure}</div>{_responses(record)}</div>")
+
+
 def _responses(entry: dict[str, Any]) -> str:
     kept = entry.get("explanation") if entry.get("clear") else None
     items = []
@@ -238,7 +267,7 @@ def _latent(entry: dict[str, Any], threshold: float | None = None, strengths: li
     return (
         f"<section class='latent {state}' id='latent-{_e(lid)}'><h2>{_e(lid)} {badges}</h2>{body}"
         f"<div class='meta'>{' · '.join(meta)}</div>{_evidence(evidence)}"
-        f"{shown}{_responses(entry)}</section>"
+        f"{shown}{_responses(entry)}{_examples(entry, threshold)}</section>"
     )
 
 

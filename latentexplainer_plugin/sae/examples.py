@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from ..errors import ExamplesError  # noqa: F401 (re-exported)
+from ..types import ExampleSet
 from .collect import ActivationStore
 
 _EMPTY_KEY = 1 << 31  # larger than any hash value (hashes are 31-bit)
@@ -117,6 +118,10 @@ class ExampleIndex:
         self.con_item = torch.full((contrast, d_sae), -1, dtype=torch.long)
         self.n_active = torch.zeros(d_sae, dtype=torch.long)
         self.n_items = 0
+        # filled by index_examples from every row: positions seen, positions where each feature is on, its peak
+        self.n_positions = 0
+        self.active_positions = torch.zeros(d_sae, dtype=torch.float64)
+        self.peak = torch.zeros(d_sae)
         self.features = torch.arange(d_sae)
 
     def update(self, items: torch.Tensor, mean: torch.Tensor, maxes: torch.Tensor) -> None:
@@ -182,6 +187,19 @@ class ExampleIndex:
         """Features active on more than ``threshold`` of the items (default 10 %)."""
         return torch.nonzero(self.n_active > threshold * max(self.n_items, 1)).flatten().tolist()
 
+    def statistics(self, features: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """Per feature (all, or ``features`` in that order), from the data: ``frequency`` (share of
+        items where it fires anywhere), ``position_frequency`` (share of rows), ``max`` (its peak over
+        every row), ``median_active`` (median peak per item over the sampled activating items, the
+        reservoir: an estimate from up to ``reservoir`` items) and ``dead`` (fires on no item)."""
+        picked = torch.arange(self.d_sae) if features is None else torch.as_tensor(list(features), dtype=torch.long)
+        valid = self.res_key[:, picked] < _EMPTY_KEY
+        sampled = torch.where(valid, self.res_max[:, picked], torch.full_like(self.res_max[:, picked], float("nan")))
+        median = sampled.nanmedian(dim=0).values.nan_to_num(0.0) if len(sampled) else torch.zeros(len(picked))
+        return {"frequency": self.n_active[picked].float() / max(self.n_items, 1),
+                "position_frequency": (self.active_positions[picked] / max(self.n_positions, 1)).float(),
+                "median_active": median.float(), "max": self.peak[picked].clone(), "dead": self.n_active[picked] == 0}
+
 
 def _encode(sae: Any, rows: torch.Tensor) -> torch.Tensor:
     return sae.encode(rows).float()
@@ -227,6 +245,9 @@ def index_examples(sae: Any, store: ActivationStore | str, *, top_k: int = 10, r
             sums, maxes = torch.zeros(e - s, d_sae), torch.zeros(e - s, d_sae)
             for r in range(0, len(rows), block):
                 f, at = _encode(sae, rows[r:r + block]), local[r:r + block]
+                index.n_positions += len(f)
+                index.active_positions += (f > 0).sum(0).double()
+                index.peak = torch.maximum(index.peak, f.amax(0)) if len(f) else index.peak
                 sums.index_add_(0, at, f)
                 maxes.scatter_reduce_(0, at[:, None].expand_as(f), f, "amax")
             index.update(uniq[s:e], sums / counts[s:e, None].float(), maxes)
@@ -413,7 +434,52 @@ def example_set(sae: Any, store: ActivationStore | str, index: ExampleIndex, fea
     return ex, maps
 
 
+def _as_chw(images: list[np.ndarray]) -> torch.Tensor:
+    """(H, W, 3) uint8 (or floats in [0, 1]) images -> (N, 3, H, W) float in [0, 1]."""
+    if not images:
+        return torch.zeros(0, 3, 1, 1)
+    arr = np.stack([np.asarray(i) for i in images])
+    if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+        raise ExamplesError(f"example images must be (H, W, 3) or (H, W, 1), got shape {arr.shape[1:]}")
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float().clamp(0.0, 1.0)
+    return t.permute(0, 3, 1, 2).contiguous()
+
+
+def to_example_set(examples: FeatureExamples, images: Any, maps: dict[tuple[int, int], torch.Tensor] | None = None, *,
+                   latent_id: str | None = None, masks: Any = None) -> ExampleSet:
+    """A feature's examples as the plain :class:`~latentexplainer_plugin.types.ExampleSet` a backend is shown.
+
+    Activating images: the top examples, then the quantile examples (strongest first), with their
+    mean activation and, when ``maps`` has them, their activation maps; inactive images: the
+    contrast examples. ``images`` as in :func:`render_example_set`. ``masks`` (indexable by item,
+    (H, W) bool object masks): the mean IoU of the top examples' activation masks against them
+    goes to ``meta["iou"]`` (see :func:`feature_iou`); not for a site with one position per item
+    (a 1 x 1 map covers the whole image, so its IoU would only be the object's area).
+    """
+    active = sorted(examples.top + examples.quantiles, key=lambda e: (-e.mean, e.item))
+    imgs = _as_chw(_images_for(images, [e.item for e in active])) if active else None
+    inactive = _as_chw(_images_for(images, [e.item for e in examples.contrast])) if examples.contrast else None
+    shape = (imgs if imgs is not None else inactive)
+    chw = tuple(shape.shape[1:]) if shape is not None else (3, 1, 1)
+    imgs = imgs if imgs is not None else torch.zeros(0, *chw)
+    inactive = inactive if inactive is not None else torch.zeros(0, *chw)
+    amaps = None
+    if maps and active and all((examples.feature, e.item) in maps for e in active):
+        amaps = torch.stack([maps[(examples.feature, e.item)].float() for e in active])
+    meta: dict[str, Any] = {"feature": examples.feature, "n_items": examples.n_items, "n_active_items": examples.n_active,
+                            "frequency": round(examples.frequency, 6), "items": [e.item for e in active],
+                            "groups": [e.group for e in active], "inactive_items": [e.item for e in examples.contrast]}
+    if masks is not None and amaps is not None and tuple(amaps.shape[-2:]) != (1, 1):  # a 1 x 1 map says nowhere
+        top = [i for i, e in enumerate(active) if e.group == "top"]
+        iou = feature_iou([amaps[i] for i in top], [np.asarray(masks[active[i].item]) for i in top]) if top else float("nan")
+        meta["iou"] = None if math.isnan(iou) else round(iou, 4)
+    return ExampleSet(latent_id=latent_id or f"f{examples.feature}", activating=imgs,
+                      activations=torch.tensor([e.mean for e in active], dtype=torch.float32), inactive=inactive,
+                      maps=amaps, meta=meta)
+
+
 __all__ = [
     "Example", "ExampleIndex", "ExamplesError", "FeatureExamples", "MASK_THRESHOLD", "activation_mask", "activation_maps",
-    "example_set", "feature_iou", "index_examples", "mask_iou", "overlay", "render_example_set", "upsample",
+    "example_set", "feature_iou", "index_examples", "mask_iou", "overlay", "render_example_set", "to_example_set", "upsample",
 ]

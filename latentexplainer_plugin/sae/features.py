@@ -22,10 +22,15 @@
 4. Traversal: feature k is set to each strength with the steering edit of
    :mod:`latentexplainer_plugin.sae.steering` (reconstruction error kept); every
    (feature, base, strength) goes through the decoder in batched calls of ``max_batch``.
+5. Examples (after :meth:`SAEFeatureAdapter.attach_examples` with a dataset): the images where
+   the feature fires most, across its activation quantiles, with activation maps, and images where
+   it never fires (:mod:`latentexplainer_plugin.sae.examples`), as an ``ExampleSet`` per feature;
+   the feature statistics of step 2 then come from the dataset instead of the sampled bases.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Sequence
@@ -116,6 +121,7 @@ class SAEFeatureAdapter(Adapter):
                 raise ValueError(f"features must be SAE feature numbers in 0..{self.sae.d_sae - 1}, got "
                                  f"{bad or 'an empty list'}")
         self._stats: dict[str, torch.Tensor] | None = None
+        self._examples: dict[str, Any] | None = None  # attach_examples: store, index, images, masks, sizes
 
     def _choose_site(self, site: Site | str | None) -> Site:
         if isinstance(site, str):
@@ -177,6 +183,86 @@ class SAEFeatureAdapter(Adapter):
             self._stats = self._compute_stats()
         return self._stats
 
+    # -- example evidence (module docstring, step 5)
+    @torch.no_grad()
+    def attach_examples(self, images: Any, *, store: Any = None, masks: Any = None, encode: Any = None,
+                        n_top: int = 10, n_quantiles: int = 10, n_contrast: int = 20, reservoir: int = 64,
+                        seed: int = 0, batch: int = 256) -> "SAEFeatureAdapter":
+        """Give every feature example evidence from a dataset; feature statistics then come from it.
+
+        ``images``: (N, H, W, 3) uint8 (the npz layout), item i of the activation collection is image i.
+        ``store``: an activation collection (:mod:`~latentexplainer_plugin.sae.collect`) at this site;
+        None: the images are encoded (``encode(x) -> latents``, default the inner model's ``encode``,
+        first output, on images scaled to [0, 1] as (N, C, H, W)) and the decoder is run on the
+        latents up to the site, collected into a temporary directory. ``masks``: (N, H, W) bool
+        object masks (IoU of the activation masks in ``ExampleSet.meta["iou"]``). Per feature the
+        set holds ``n_top`` top and ``n_quantiles`` quantile examples and ``n_contrast`` images
+        where it never fires (:func:`~latentexplainer_plugin.sae.examples.index_examples`).
+        """
+        import tempfile
+
+        import numpy as np
+
+        from .collect import ActivationStore, collect_activations
+        from .examples import ExamplesError, index_examples
+
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:
+            raise ExamplesError(f"images must be (N, H, W, 3) uint8 (the npz layout), got {images.shape} {images.dtype}")
+        if masks is not None:
+            masks = np.asarray(masks)
+            if masks.shape != images.shape[:3]:
+                raise ExamplesError(f"masks must be (N, H, W) = {images.shape[:3]} like the images, got {masks.shape}")
+        for name, value in (("n_top", n_top), ("n_quantiles", n_quantiles), ("n_contrast", n_contrast), ("batch", batch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ExamplesError(f"{name} must be an int >= 1, got {value!r}")
+        tmp = None
+        if store is None:
+            encoder = encode if encode is not None else getattr(self.inner.model, "encode", None)
+            if not callable(encoder):
+                raise ExamplesError(f"{type(self.inner.model).__name__} has no encode(); give an activation collection "
+                                    "(store=) at the site, or encode= (images -> latents)")
+            tmp = tempfile.TemporaryDirectory(prefix="latentexplainer-examples-")
+
+            def latents():
+                for start in range(0, len(images), batch):
+                    x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch])).permute(0, 3, 1, 2).float() / 255.0
+                    z = encoder(x.to(self.inner.device))
+                    yield (z[0] if isinstance(z, (tuple, list)) else z).float()
+
+            collect_activations(self.inner.driver, self.site, latents, tmp.name)
+            store = tmp.name
+        store = store if isinstance(store, ActivationStore) else ActivationStore(store)
+        if store.manifest.n_items != len(images):
+            raise ExamplesError(f"the activation collection at {store.directory} has {store.manifest.n_items} items but "
+                                f"{len(images)} images were given; item i must be image i")
+        sae = self.sae if self.sae.W_enc.device.type == "cpu" else copy.deepcopy(self.sae).cpu()
+        index = index_examples(sae, store, top_k=n_top, reservoir=max(reservoir, n_quantiles), contrast=n_contrast, seed=seed)
+        self._examples = {"store": store, "index": index, "images": images, "masks": masks, "sae": sae, "tmp": tmp,
+                          "n_top": n_top, "n_quantiles": n_quantiles, "n_contrast": n_contrast}
+        stats = index.statistics(self.features)
+        stats["dense"] = stats["position_frequency"] > self.dense_frequency
+        self._stats = stats
+        return self
+
+    @property
+    def has_examples(self) -> bool:
+        """True once :meth:`attach_examples` gave the features example evidence."""
+        return self._examples is not None
+
+    def example_set(self, index: int) -> Any:
+        """The :class:`~latentexplainer_plugin.types.ExampleSet` of latent ``index`` (None without
+        :meth:`attach_examples`)."""
+        from .examples import example_set, to_example_set
+
+        if self._examples is None:
+            return None
+        i = self.check_index(index)
+        e = self._examples
+        ex, maps = example_set(e["sae"], e["store"], e["index"], self.features[i], n_top=e["n_top"],
+                               n_quantiles=e["n_quantiles"], n_contrast=e["n_contrast"])
+        return to_example_set(ex, e["images"], maps, latent_id=self.latent_id(i), masks=e["masks"])
+
     def feature_stats(self) -> list[dict[str, Any]]:
         """Per latent: feature number, frequency, position_frequency, median_active, max, dead, dense."""
         return [self.feature_extras(i) for i in range(self.n_latents)]
@@ -185,6 +271,7 @@ class SAEFeatureAdapter(Adapter):
         """What the statistics say about latent ``index`` (for results.json: dead features are marked)."""
         s = self.stats
         return {"feature": self.features[index], "dead": bool(s["dead"][index]), "dense": bool(s["dense"][index]),
+                "stats_source": "data" if self._examples is not None else "samples",
                 "frequency": round(float(s["frequency"][index]), 4),
                 "position_frequency": round(float(s["position_frequency"][index]), 4),
                 "median_active": round(float(s["median_active"][index]), 6), "max": round(float(s["max"][index]), 6)}
@@ -263,4 +350,8 @@ class SAEFeatureAdapter(Adapter):
         s = self.stats
         return {"name": self.name, "n_latents": self.n_latents, "inner": self.inner.describe(), "site": str(self.site),
                 "sae": self.sae.describe(), "strength_units": self.strength_mode, "stats_bases": self.stats_bases,
-                "stats_seed": self.stats_seed, "dead": int(s["dead"].sum()), "dense": int(s["dense"].sum())}
+                "stats_seed": self.stats_seed, "dead": int(s["dead"].sum()), "dense": int(s["dense"].sum()),
+                "stats_source": "data" if self._examples is not None else "samples"} | (
+            {"examples": {"n_items": int(self._examples["index"].n_items), "n_top": self._examples["n_top"],
+                          "n_quantiles": self._examples["n_quantiles"], "n_contrast": self._examples["n_contrast"],
+                          "masks": self._examples["masks"] is not None}} if self._examples is not None else {})
