@@ -3,6 +3,8 @@ scored against the renderer's truth (docs/vlm.md, "Lenses for visual tokens").
 
     nice -n 10 python benchmarks/bench_vlm_lens.py            # 2000 bank captions, 200 held-out images
     nice -n 10 python benchmarks/bench_vlm_lens.py --probe    # plus a linear probe per attribute and layer
+
+The scoring is ``vlm.lens_compare.compare_lenses`` (what ``latentexplainer demo-vlm`` runs at smaller sizes).
 """
 
 from __future__ import annotations
@@ -14,13 +16,10 @@ import numpy as np
 import torch
 
 from latentexplainer_plugin.data.shapes import make_dataset
-from latentexplainer_plugin.vlm import ATTRIBUTES, WEIGHTS_DIR, caption_from_factors, factor_words, load_demo_vlm
+from latentexplainer_plugin.vlm import WEIGHTS_DIR, caption_from_factors, factor_words, load_demo_vlm
 from latentexplainer_plugin.vlm.evaluate import HELD_OUT_SEED
-from latentexplainer_plugin.vlm.lens import (attribute_hit_rate, build_context_bank,
-                                             embedding_lens, image_hidden_states, latent_lens, logit_lens,
-                                             patch_labels, random_top_tokens)
-
-OBJECT_ATTRIBUTES = ("size", "colour", "shape", "vertical", "horizontal")
+from latentexplainer_plugin.vlm.lens import image_hidden_states, patch_labels
+from latentexplainer_plugin.vlm.lens_compare import LENSES, OBJECT_ATTRIBUTES, compare_lenses
 
 
 def main() -> None:
@@ -30,6 +29,9 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, default=50, help="max contexts per token string")
     ap.add_argument("--top-k", type=int, default=5)
     ap.add_argument("--prefix", default="", help="text before every bank caption (e.g. the chat up to 'assistant:')")
+    ap.add_argument("--corpus", choices=("captions", "varied"), default="captions",
+                    help="captions: the training captions (fixed word order); varied: the same words with the three "
+                         "phrases and the two adjectives in a random (seeded) order")
     ap.add_argument("--probe", action="store_true",
                     help="also: is each attribute linearly decodable from the object patches' mean state? "
                          "(logistic regression trained on 600 training images, seed 0, tested on the held-out images)")
@@ -37,53 +39,44 @@ def main() -> None:
     torch.set_num_threads(1)
     t0 = time.time()
     model, processor = load_demo_vlm(WEIGHTS_DIR)
-    corpus = caption_from_factors(make_dataset(args.bank, seed=0)["factors"])
-    bank = build_context_bank(model, processor, corpus, max_contexts_per_token=args.contexts, prefix=args.prefix)
+    factors = make_dataset(args.bank, seed=0)["factors"]
+    corpus = caption_from_factors(factors) if args.corpus == "captions" else varied_captions(factors)
     held = make_dataset(args.images, seed=HELD_OUT_SEED, masks=True)
-    states = image_hidden_states(model, processor, held["images"])  # (L+1, N, P, D)
-    n_layers1, n, p, d = states.shape
-    obj, bg = patch_labels(held["masks"])
-    words = factor_words(held["factors"])
-    obj_truth = [frozenset(w[a] for a in OBJECT_ATTRIBUTES) for w in words for _ in range(p)]
-    bg_truth = [frozenset([w["background"]]) for w in words for _ in range(p)]
-    lm = model.model.language_model
-    tok = processor.tokenizer
-    emb = model.get_input_embeddings().weight.detach()
-    model_vocab = [w for i, w in enumerate(tok.convert_ids_to_tokens(list(range(emb.shape[0]))))
-                   if i not in set(tok.all_special_ids)]
-    print(f"bank: {len(bank.tokens)} contexts, {len(bank.vocabulary)} token strings, layers {bank.layers}; "
-          f"model vocabulary without special tokens: {len(model_vocab)} words; held-out: {n} images, "
-          f"{int(obj.sum())} object patches, {int(bg.sum())} background patches; top-{args.top_k}")
-    sel_o, sel_b = obj.reshape(-1), bg.reshape(-1)
-    tops_by_layer = []
-    for layer in range(n_layers1):
-        q = states[layer].reshape(n * p, d)
-        tops_by_layer.append([latent_lens(q, bank, args.top_k), embedding_lens(q, emb, tok, args.top_k),
-                              logit_lens(q, lm.norm, model.lm_head, tok, args.top_k)])
-    reps = 20  # random draws per patch for the chance columns
-
-    def chance(vocab: list[str], truth: list, sel: np.ndarray, strict: bool) -> float:
-        rows = random_top_tokens(vocab, len(truth) * reps, args.top_k, seed=0)
-        return attribute_hit_rate(rows, truth * reps, np.tile(sel, reps), ATTRIBUTES if strict else None)
-
-    for strict in (False, True):
-        attrs = ATTRIBUTES if strict else None
+    result = compare_lenses(model, processor, corpus, held["images"], held["masks"], held["factors"], top_k=args.top_k,
+                            max_contexts_per_token=args.contexts, prefix=args.prefix)
+    c = result["counts"]
+    print(f"bank: {c['bank_contexts']} contexts, {c['bank_words']} token strings, layers {c['bank_layers']}; "
+          f"held-out: {c['images']} images, {c['object_patches']} object patches, {c['background_patches']} background "
+          f"patches; top-{args.top_k}")
+    for metric, title in (("any", "any true word in the top-k (the brief's metric)"),
+                          ("strict", "strict (exactly one word of an attribute, and it is true)")):
         print()
-        print("strict (exactly one word of an attribute, and it is true)" if strict
-              else "any true word in the top-k (the brief's metric)")
-        print("| layer | LatentLens obj | EmbeddingLens obj | LogitLens obj | chance obj bank/model vocab "
-              "| LatentLens bg | EmbeddingLens bg | LogitLens bg | chance bg bank/model vocab |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        c_o = [chance(v, obj_truth, sel_o, strict) for v in (bank.vocabulary, model_vocab)]
-        c_b = [chance(v, bg_truth, sel_b, strict) for v in (bank.vocabulary, model_vocab)]
-        for layer, tops in enumerate(tops_by_layer):
-            o = [attribute_hit_rate(t, obj_truth, sel_o, attrs) for t in tops]
-            b = [attribute_hit_rate(t, bg_truth, sel_b, attrs) for t in tops]
-            print(f"| {layer} | " + " | ".join(f"{x:.3f}" for x in o) + f" | {c_o[0]:.3f} / {c_o[1]:.3f} | "
-                  + " | ".join(f"{x:.3f}" for x in b) + f" | {c_b[0]:.3f} / {c_b[1]:.3f} |")
+        print(title)
+        print("| layer | " + " | ".join(f"{lens} obj" for lens in LENSES) + " | chance obj | "
+              + " | ".join(f"{lens} bg" for lens in LENSES) + " | chance bg |")
+        print("|---|" + "---|" * (2 * len(LENSES) + 2))
+        for row in result["layers"]:
+            o = " | ".join(f"{row['object'][lens][metric]:.3f}" for lens in LENSES)
+            b = " | ".join(f"{row['background'][lens][metric]:.3f}" for lens in LENSES)
+            print(f"| {row['layer']} | {o} | {result['chance']['object'][metric]:.3f} | {b} | "
+                  f"{result['chance']['background'][metric]:.3f} |")
     if args.probe:
-        probe(model, processor, held, states, obj)
+        states = image_hidden_states(model, processor, held["images"])
+        probe(model, processor, held, states, patch_labels(held["masks"])[0])
     print(f"({time.time() - t0:.0f} s)")
+
+
+def varied_captions(factors: np.ndarray, seed: int = 0) -> list[str]:
+    """The caption words of each image, with its three phrases and its two adjectives in a random order."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for w in factor_words(factors):
+        adjectives = [w["size"], w["colour"]]
+        rng.shuffle(adjectives)
+        parts = [f"a {adjectives[0]} {adjectives[1]} {w['shape']}", f"near the {w['vertical']} {w['horizontal']}",
+                 f"on a {w['background']} background"]
+        out.append(" ".join(parts[i] for i in rng.permutation(3)))
+    return out
 
 
 def probe(model, processor, held: dict, states: torch.Tensor, obj: np.ndarray, n_train: int = 600) -> None:

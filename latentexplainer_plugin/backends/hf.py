@@ -18,6 +18,13 @@ How one traversal is explained:
   :func:`~latentexplainer_plugin.backends.responses.clean_response` (boilerplate, abstentions,
   empty answers become failed samples).
 
+``mode="caption_compare"`` is for VLMs too weak to compare frames (a captioner such as the demo
+VLM): the prompt is not sent; instead the first and last frame of every row are captioned (one
+batched ``generate``) and :func:`compare_captions` states what changed between the captions, in
+words and as structured claims (``Response.meta["claims"]``). Answer ``i`` comes from base
+``i % n_bases`` (``samples_from_bases``): greedy captions for the first pass over the bases,
+sampled captions for repeats.
+
 ``generate_calls`` counts the ``generate`` calls made by this instance (tests and benchmarks).
 """
 
@@ -26,9 +33,12 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import threading
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 from pydantic import AfterValidator, Field
 
@@ -39,7 +49,13 @@ from ..types import Prompt, Response, Traversal
 from .base import Backend, BackendError
 from .responses import clean_response
 
-__all__ = ["HFBackend", "DTYPES", "resolve_dtype", "check_vlm_dir", "check_hub_model"]
+__all__ = ["HFBackend", "CAPTION_WORDS", "DTYPES", "MODES", "resolve_dtype", "check_vlm_dir", "check_hub_model",
+           "compare_captions", "read_caption"]
+
+#: What the hf backend does with a traversal: ``compare`` sends the bias's prompt (images + text) and
+#: samples n answers; ``caption_compare`` captions first and last frames and compares the captions.
+MODES = ("compare", "caption_compare")
+CAPTION_PROMPT = "Describe the image."
 
 _PROCESSOR_CONFIGS = ("preprocessor_config.json", "processor_config.json")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -109,7 +125,7 @@ def check_hub_model(model_id: str, timeout: float | None = None) -> None:
     problem = hub_problem(model_id, "config.json", HUB_TIMEOUT if timeout is None else timeout)
     if problem is not None:
         raise BackendError(
-            f"hf:{model_id} {problem}; give a local directory instead (--backend hf:/path/to/dir, saved with "
+            f"hf:{model_id} {problem}; give a local directory instead (backend='hf:/path/to/dir', saved with "
             f"model.save_pretrained(dir) and processor.save_pretrained(dir)), or download it where the hub is "
             f"reachable (hf download {model_id})"
         )
@@ -152,6 +168,11 @@ class HFOptions(ComponentOptions):
     allow_pickle: bool = Field(False, description="accept weights saved only as pickle (read with weights_only=True)")
     cache_dir: Optional[str] = Field(None, description="response cache directory (default ~/.cache/latentexplainer/responses)")
     no_cache: bool = Field(False, description="neither read nor write the response cache")
+    mode: Literal["compare", "caption_compare"] = Field(
+        "compare", description="compare: the model answers the prompt; caption_compare: caption the first and last "
+                               "frame of each row, then state what changed between the captions (captioning VLMs)")
+    caption_prompt: str = Field(CAPTION_PROMPT, min_length=1, description="the instruction that asks for a caption "
+                                                                          "(caption_compare mode)")
 
 
 class HFBackend(Backend):
@@ -169,6 +190,9 @@ class HFBackend(Backend):
         trust_remote_code: passed to ``from_pretrained`` (off by default).
         allow_pickle: accept weights saved only as pickle (``pytorch_model.bin``), read with
             ``torch.load(weights_only=True)``; off by default, as for every model (``--allow-pickle``).
+        mode: ``"compare"`` (default: the model answers the prompt) or ``"caption_compare"`` (caption
+            the first and last frame of each row, compare the captions; one answer per base).
+        caption_prompt: the instruction that asks for a caption in ``caption_compare`` mode.
     """
 
     name = "hf"
@@ -208,12 +232,15 @@ class HFBackend(Backend):
         processor: Any = None,
         trust_remote_code: bool = False,
         allow_pickle: bool = False,
+        mode: str = "compare",
+        caption_prompt: str = CAPTION_PROMPT,
     ) -> None:
         if path_or_id is None or not str(path_or_id).strip():
-            raise ValueError("the hf backend needs a model directory or hub id: --backend hf:PATH_OR_ID")
+            raise ValueError("the hf backend needs a model directory or hub id: backend='hf:PATH_OR_ID'")
         # the declared options check themselves (the same checks the command line runs): written once
         validate_options(HFOptions, {"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
-                                      "temperature": temperature, "top_p": top_p, "max_image_side": max_image_side},
+                                      "temperature": temperature, "top_p": top_p, "max_image_side": max_image_side,
+                                      "mode": mode, "caption_prompt": caption_prompt},
                          "the hf backend")
         if min_new_tokens is not None and min_new_tokens > max_new_tokens:  # across two options
             raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens!r}")
@@ -227,6 +254,10 @@ class HFBackend(Backend):
         self.max_image_side = int(max_image_side)
         self.trust_remote_code = bool(trust_remote_code)
         self.allow_pickle = bool(allow_pickle)
+        self.mode = str(mode)
+        self.caption_prompt = str(caption_prompt)
+        # a captioner's answers come from the traversal's bases, not from resampling one prompt
+        self.samples_from_bases = self.mode == "caption_compare"  # type: ignore[misc]
         self.generate_calls = 0
         self._lock = threading.Lock()  # one generate at a time per model
         self._revision: str | None = None
@@ -312,7 +343,7 @@ class HFBackend(Backend):
             "top_p": self.top_p,
             "max_image_side": self.max_image_side,
             "revision": self._revision,
-        }
+        } | ({"mode": self.mode, "caption_prompt": self.caption_prompt} if self.mode != "compare" else {})
 
     # -- explaining ----------------------------------------------------------------------------
     def _image(self, image: Any) -> Any:
@@ -365,6 +396,8 @@ class HFBackend(Backend):
             raise ValueError(f"n must be >= 0, got {n}")
         if n == 0:
             return []
+        if self.mode == "caption_compare":
+            return self._explain_by_captions(traversal, n)
         inputs = self._encode(prompt).to(self.model.device)
         if "pixel_values" in inputs and torch.is_floating_point(inputs["pixel_values"]):
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
@@ -406,6 +439,91 @@ class HFBackend(Backend):
         out[0].meta["usage"] = {"prompt_tokens": int(prompt_len), "completion_tokens": int(sum(lengths)), "requests": 1}
         return out
 
+    # -- caption-then-compare ------------------------------------------------------------------
+    def caption_images(self, images: Sequence[Any], do_sample: bool = False, batch_size: int = 32,
+                       usage: dict[str, int] | None = None) -> list[str]:
+        """One caption per image (PIL image, PNG bytes or a ``(C, H, W)`` tensor in [0, 1]): the chat
+        ``[user: image + caption_prompt]``, greedy unless ``do_sample`` (then ``temperature`` / ``top_p``),
+        batched ``batch_size`` images per ``generate`` call; only the new tokens are decoded. ``usage``,
+        when given, is incremented with ``prompt_tokens``, ``completion_tokens`` and ``requests``."""
+        import torch
+
+        pil = [self._image(_to_pil(im)) for im in images]
+        if not pil:
+            return []
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        chat = [{"role": "user", "content": [{"type": "image", "image": pil[0]},
+                                             {"type": "text", "text": self.caption_prompt}]}]
+        text = self.processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        kwargs: dict[str, Any] = {"do_sample": do_sample, "max_new_tokens": self.max_new_tokens}
+        if do_sample:
+            kwargs["temperature"] = self.temperature
+            if self.top_p is not None:
+                kwargs["top_p"] = self.top_p
+        if self.min_new_tokens is not None:
+            kwargs["min_new_tokens"] = self.min_new_tokens
+        pad = getattr(tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(tokenizer, "eos_token_id", None)
+        if pad is not None:
+            kwargs["pad_token_id"] = pad
+        captions: list[str] = []
+        for start in range(0, len(pil), batch_size):
+            chunk = pil[start:start + batch_size]
+            # one list of images per text (every processor accepts it); left padding keeps each prompt's
+            # end next to its new tokens when image token counts differ
+            inputs = self.processor(images=[[im] for im in chunk], text=[text] * len(chunk), padding=True,
+                                    padding_side="left", return_tensors="pt").to(self.model.device)
+            if "pixel_values" in inputs and torch.is_floating_point(inputs["pixel_values"]):
+                inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+            with self._lock, torch.inference_mode():
+                self.generate_calls += 1
+                output = self.model.generate(**inputs, **kwargs)
+            sequences = output.sequences if hasattr(output, "sequences") else output
+            new = sequences[:, inputs["input_ids"].shape[1]:]
+            captions += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+            if usage is not None:
+                eos = self._eos_ids(tokenizer)
+                usage["prompt_tokens"] = usage.get("prompt_tokens", 0) + int(inputs["attention_mask"].sum())
+                usage["completion_tokens"] = usage.get("completion_tokens", 0) + sum(
+                    _finish(row.tolist(), eos, pad, self.max_new_tokens)[0] for row in new)
+                usage["requests"] = usage.get("requests", 0) + 1
+        return captions
+
+    def _explain_by_captions(self, traversal: Traversal, n: int) -> list[Response]:
+        images = traversal.images
+        n_bases, n_rows, n_steps = images.shape[:3]
+        if n_bases < 1 or n_rows < 1 or n_steps < 2:
+            raise BackendError(f"caption_compare needs a traversal with at least 1 base, 1 row and 2 steps, got "
+                               f"{n_bases} bases, {n_rows} rows, {n_steps} steps")
+        bases = [i % n_bases for i in range(n)]
+        # (sample, row) -> the captions of the row's first and last frames; greedy for the first pass
+        # over the bases, sampled for repeats (else a repeat would copy the first answer)
+        frames = {False: [], True: []}
+        for i, b in enumerate(bases):
+            for r in range(n_rows):
+                frames[i >= n_bases] += [images[b, r, 0], images[b, r, -1]]
+        usage = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0}
+        captions = {sampled: iter(self.caption_images(frames[sampled], do_sample=sampled, usage=usage))
+                    for sampled in (False, True)}
+        out = []
+        for i, b in enumerate(bases):
+            source = captions[i >= n_bases]
+            pairs = [(next(source), next(source)) for _ in range(n_rows)]
+            text, claims, abstained = compare_captions(pairs, traversal.latent_id)
+            out.append(Response(text=text, abstained=abstained, meta={
+                "model": self.path_or_id, "mode": self.mode, "sample": i, "base": b, "sampled_captions": i >= n_bases,
+                "captions": [list(p) for p in pairs], "claims": claims}))
+        out[0].meta["usage"] = usage  # counted once, on the first answer (as in compare mode)
+        return out
+
+    def explain_examples(self, examples: Any, prompt: Prompt, n: int) -> list[Response]:
+        """Example sets go through :meth:`explain` with the prompt (``compare`` mode only)."""
+        if self.mode == "caption_compare":
+            raise BackendError("the hf backend's caption_compare mode explains traversals (it captions their first and "
+                               "last frames); explain feature example sets with mode='compare' (the default)")
+        return self.explain(examples.as_traversal(), prompt, n)
+
     def _eos_ids(self, tokenizer: Any) -> set[int]:
         """The token ids that end an answer (generation config first, then the tokenizer)."""
         ids: set[int] = set()
@@ -419,3 +537,112 @@ class HFBackend(Backend):
 
     def __repr__(self) -> str:
         return f"HFBackend({self.path_or_id!r}, device={self.device!r}, dtype={str(self.dtype).removeprefix('torch.')})"
+
+
+def _to_pil(image: Any) -> Any:
+    """A ``(C, H, W)`` float tensor in [0, 1] (a traversal frame) -> PIL RGB; anything else as is."""
+    if hasattr(image, "detach") and getattr(image, "ndim", 0) == 3:
+        from PIL import Image
+
+        frame = image.detach().float().clamp(0, 1).mul(255).round().byte().cpu()
+        if frame.shape[0] == 1:
+            frame = frame.expand(3, -1, -1)
+        return Image.fromarray(frame[:3].permute(1, 2, 0).numpy())
+    return image
+
+
+#: Caption words per attribute, in level order (the index of a word is its level) for ordered
+#: attributes; the demo VLM's caption vocabulary (``vlm.captions.ATTRIBUTES``) plus a few common words.
+#: Kept here, not imported from ``vlm``: backends come before the multimodal demo in the data flow.
+CAPTION_WORDS: dict[str, tuple[str, ...]] = {
+    "size": ("tiny", "small", "medium", "large", "huge"),
+    "colour": ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink"),
+    "shape": ("square", "ellipse", "triangle", "circle", "heart", "star", "rectangle", "diamond"),
+    "vertical": ("top", "middle", "bottom"),
+    "horizontal": ("left", "centre", "right"),
+    "background": ("dark", "grey"),
+}
+_WORD_ALIASES = {"center": "centre", "gray": "grey", "big": "large", "little": "small", "oval": "ellipse"}
+_CAPTION_WORD = {w: a for a, words in CAPTION_WORDS.items() for w in words}
+_CAPTION_TOKEN = re.compile(r"[a-z]+")
+
+# caption attribute -> (claim attribute in uncertainty.claims' vocabulary, whether a later word is
+# the "+" direction); vertical words run top -> bottom, so moving to a later word is moving down ("-")
+_ORDERED = {"size": ("size", True), "vertical": ("vertical_position", False),
+            "horizontal": ("horizontal_position", True), "background": ("background_brightness", True)}
+
+
+def read_caption(text: str) -> dict[str, str | None]:
+    """``{attribute: word or None}``: an attribute of :data:`CAPTION_WORDS` gets a word when the
+    caption names exactly one distinct word of it (aliases such as "center", "gray" folded in)."""
+    found: dict[str, set[str]] = {a: set() for a in CAPTION_WORDS}
+    for token in _CAPTION_TOKEN.findall(str(text).lower()):
+        token = _WORD_ALIASES.get(token, token)
+        if token in _CAPTION_WORD:
+            found[_CAPTION_WORD[token]].add(token)
+    return {a: (next(iter(w)) if len(w) == 1 else None) for a, w in found.items()}
+
+
+def _phrase(attribute: str, start: str, end: str, later: bool) -> str:
+    if attribute == "vertical":
+        return f"moves the object {'down' if later else 'up'} from the {start} to the {end}"
+    if attribute == "horizontal":
+        return f"moves the object {'right' if later else 'left'} from the {start} to the {end}"
+    if attribute == "size":
+        return f"makes the object {'grow' if later else 'shrink'} from {start} to {end}"
+    if attribute == "colour":
+        return f"changes the object's colour from {start} to {end}"
+    if attribute == "shape":
+        return f"changes the object's shape from {start} to {end}"
+    return f"{'brightens' if later else 'darkens'} the background from {start} to {end}"
+
+
+def compare_captions(pairs: Sequence[tuple[str, str]], latent: str = "the latent") -> tuple[str, list[dict], bool]:
+    """What changed between captions: ``(text, claims, abstained)`` for ``pairs`` of (first frame's
+    caption, last frame's caption), one pair per traversal row.
+
+    Each caption is read into one word per attribute (size, colour, shape, vertical, horizontal,
+    background; :func:`read_caption`). An attribute changes when it names different words at the two
+    ends in more than half of the rows, and, for ordered attributes, in the same direction in all of
+    them; the most common (start, end) words are named, changes in more rows first (ties: the change
+    more rows name with the same words first): "Increasing z3 moves the object right from the left
+    to the right." Claims are ``uncertainty.claims.Claim.to_json()`` dicts (``horizontal_position +``,
+    ``colour red->blue``, ...). No changed attribute: an abstention when the captions are the same or
+    their attribute words change in too few rows (caption noise); captions without attribute words
+    that differ are quoted (first row), with no claims."""
+    if not pairs:
+        raise ValueError("compare_captions needs at least one (first, last) caption pair")
+    parsed = [(read_caption(a), read_caption(b)) for a, b in pairs]
+    found: list[tuple[int, int, int, str, str, str, bool]] = []
+    for order, (attribute, words) in enumerate(CAPTION_WORDS.items()):
+        moves = [(a[attribute], b[attribute]) for a, b in parsed
+                 if a[attribute] and b[attribute] and a[attribute] != b[attribute]]
+        if 2 * len(moves) <= len(pairs):
+            continue
+        later = {words.index(b) > words.index(a) for a, b in moves}
+        if attribute in _ORDERED and len(later) > 1:
+            continue  # rows disagree on the direction
+        (start, end), same = Counter(moves).most_common(1)[0]
+        # rank: rows that change, then rows that name the very same change, then attribute order
+        found.append((-len(moves), -same, order, attribute, start, end, words.index(end) > words.index(start)))
+    if not found:
+        first, last = pairs[0]
+        if all(a.strip().lower() == b.strip().lower() for a, b in pairs):
+            return f"No visible change: the captions stay the same as {latent} changes (\"{first}\").", [], True
+        if any(w for a, b in parsed for w in (*a.values(), *b.values())):  # attribute words, but no consistent change
+            return (f"No consistent change: the captions of the first and last frames name different attributes in "
+                    f"at most half of the rows, or disagree on the direction, as {latent} changes."), [], True
+        return f"As {latent} increases, the caption changes from \"{first}\" to \"{last}\".", [], False
+    phrases, claims = [], []
+    for *_, attribute, start, end, later in sorted(found):
+        phrases.append(_phrase(attribute, start, end, later))
+        if attribute in _ORDERED:
+            name, plus_is_later = _ORDERED[attribute]
+            claims.append({"attribute": name, "direction": "+" if later == plus_is_later else "-"})
+        elif attribute == "colour":
+            claims.append({"attribute": "colour", "start": start, "end": end})
+        else:
+            claims.append({"attribute": "shape"})
+    # commas between phrases: one clause per change, as the claim parser reads text
+    joined = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + ", and " + phrases[-1]
+    return f"Increasing {latent} {joined}.", claims, False

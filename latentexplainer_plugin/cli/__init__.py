@@ -23,11 +23,12 @@ from .parser import build_parser
 from .plugins import cmd_plugins
 from .train import cmd_train_demo, cmd_train_vae
 from .sae import cmd_sae_train
-from .vlm import cmd_train_demo_vlm
+from .vlm import cmd_demo_vlm, cmd_train_demo_vlm
 
 __all__ = ["COMMANDS", "EXIT_BAD_INPUT", "EXIT_INTERNAL_ERROR", "EXIT_INTERRUPTED", "UsageError", "build_parser", "main"]
 
 COMMANDS = {"demo": cmd_demo, "explain": cmd_explain, "train-vae": cmd_train_vae, "train-demo": cmd_train_demo, "train-demo-vlm": cmd_train_demo_vlm,
+            "demo-vlm": cmd_demo_vlm,
             "make-data": cmd_make_data, "sae-train": cmd_sae_train, "plugins": cmd_plugins, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate}
 
 
@@ -47,7 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     warning_state = warnings.catch_warnings()
     warning_state.__enter__()
     default_show = warnings.showwarning
-    warnings.showwarning = lambda m, c, *a, **k: (_show_warning if issubclass(c, PluginWarning) else default_show)(m, c, *a, **k)
+    warnings.showwarning = lambda m, c, *a, **k: (_show_warning if issubclass(c, PluginWarning) else default_show)(
+        in_flag_words(str(m)), c, *a, **k)
     try:
         check_int_limits(args)
         check_out(args)

@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="explain every latent of the shipped demo VAE (offline)")
     _add_explain_options(p, "latentexplainer-demo")
+    p.add_argument("--sae", nargs="?", const=True, default=None, metavar="PATH",
+                   help="explain the features of a sparse autoencoder on the demo decoder instead of its latents; "
+                        "without PATH: train one on the demo data first and judge its features against the factors "
+                        "(about 5 minutes; docs/sae.md)")
 
     p = sub.add_parser("explain", help="explain the latents of a model")
     p.add_argument("--model", required=True,
@@ -144,6 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-images", type=int, default=500, help="held-out images for caption accuracy (default 500; 0: skip)")
     p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("demo-vlm", help="the multimodal demo, offline: caption accuracy and three lenses per layer on the demo VLM (docs/vlm.md)")
+    p.add_argument("--out", default="demo-vlm-out", help="output directory for results.json, lenses.png and report.html (default demo-vlm-out)")
+    p.add_argument("--model", default=None, help="a demo-VLM directory (default: the shipped weights)")
+    p.add_argument("--caption-images", type=int, default=200, help="held-out images captioned (default 200)")
+    p.add_argument("--lens-images", type=int, default=100, help="held-out images whose visual tokens the lenses read (default 100)")
+    p.add_argument("--bank-captions", type=int, default=1000, help="training captions in the LatentLens bank (default 1000)")
+    p.add_argument("--top-k", type=int, default=5, help="neighbours per visual token (default 5)")
+    p.add_argument("--sae-features", type=int, default=64, help="features of the SAE trained on image tokens (default 64; 0: skip)")
+    p.add_argument("--sae-steps", type=int, default=400, help="SAE training steps (default 400)")
+    p.add_argument("--feature-train-images", type=int, default=600, help="images the SAE is trained on (default 600)")
+    p.add_argument("--feature-images", type=int, default=200, help="held-out images the features are read on (default 200)")
 
     p = sub.add_parser("sae-train", help="collect a model's activations at a site and train a TopK sparse autoencoder (docs/sae.md)")
     p.add_argument("--model", required=True, help="model directory, hub id or file.py:factory (as for explain)")

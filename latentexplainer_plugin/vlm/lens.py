@@ -41,10 +41,15 @@ __all__ = [
     "chance_hit_rate",
     "embedding_lens",
     "image_hidden_states",
+    "image_inputs",
+    "image_token_id",
+    "language_model",
     "latent_lens",
+    "lens_modules",
     "logit_lens",
     "patch_labels",
     "random_top_tokens",
+    "select_image_tokens",
     "text_hidden_states",
 ]
 
@@ -74,18 +79,54 @@ def _torch():
     return torch
 
 
-def _language_model(model: Any) -> Any:
-    lm = getattr(getattr(model, "model", None), "language_model", None)
+def language_model(model: Any) -> Any:
+    """The decoder stack of a VLM's language model (a module with ``.layers`` and a final ``.norm``),
+    found through ``model.get_decoder()`` (LLaVA and Gemma 3: ``model.language_model``; Idefics3 /
+    SmolVLM: ``model.text_model``), not through one architecture's attribute names."""
+    get = getattr(model, "get_decoder", None)
+    lm = get() if callable(get) else None
+    if lm is None or not hasattr(lm, "layers"):  # older wrappers without get_decoder
+        lm = getattr(getattr(model, "model", None), "language_model", None)
     if lm is None or not hasattr(lm, "layers") or not hasattr(lm, "norm"):
-        raise VLMError(f"{type(model).__name__} has no model.language_model with .layers and .norm; "
-                       f"the lenses need a LLaVA-style model (e.g. the demo VLM from load_demo_vlm)")
+        raise VLMError(f"{type(model).__name__}: get_decoder() gives no language model with .layers and .norm; "
+                       f"the lenses need a transformers image-text-to-text model whose decoder is a stack of "
+                       f"layers with a final norm (LLaVA, Gemma 3, Idefics3 / SmolVLM, the demo VLM)")
     return lm
+
+
+
+def lens_modules(model: Any) -> tuple[Any, Any, Any]:
+    """``(embedding matrix (V, D), final norm, unembedding)`` of a VLM's language model: what
+    :func:`embedding_lens` and :func:`logit_lens` take, from ``get_input_embeddings`` /
+    ``get_output_embeddings`` and the decoder's ``norm`` (any architecture)."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if emb is None or head is None or not hasattr(head, "in_features"):
+        raise VLMError(f"{type(model).__name__} has no input embeddings or no linear output embeddings (lm_head); "
+                       f"the embedding and logit lenses need both")
+    return emb.weight.detach(), language_model(model).norm, head
+
+
+def image_token_id(model: Any, processor: Any = None) -> int:
+    """The token id whose positions hold the visual tokens: the model config's ``image_token_id``
+    (the id the model itself replaces with image features), else the tokenizer's or processor's.
+
+    The config comes first because processors disagree: Gemma 3's ``processor.image_token_id`` is the
+    begin-of-image token, while the image features sit at ``tokenizer.image_token_id`` (the soft token)."""
+    candidates = [getattr(model.config, "image_token_id", None), getattr(model.config, "image_token_index", None)]
+    if processor is not None:
+        candidates += [getattr(getattr(processor, "tokenizer", None), "image_token_id", None),
+                       getattr(processor, "image_token_id", None)]
+    for value in candidates:
+        if isinstance(value, int):
+            return value
+    raise VLMError(f"{type(model.config).__name__} has no image_token_id (nor has the processor); "
+                   f"cannot find the visual tokens")
 
 
 def _forward_states(model: Any, inputs: Mapping[str, Any]) -> Any:
     """``(L+1, B, T, D)`` raw residual states: embeddings output, then every decoder layer's output."""
     torch = _torch()
-    lm = _language_model(model)
+    lm = language_model(model)
     captured: dict[str, Any] = {}
 
     def hook(_module: Any, _args: Any, output: Any) -> None:
@@ -109,25 +150,42 @@ def image_hidden_states(model: Any, processor: Any, images: np.ndarray | Sequenc
     """Hidden states at the image-token positions of the chat prompt for each image:
     a float tensor ``(L+1, N, P, D)`` (layer 0 = embedding output, P image tokens in patch order)."""
     torch = _torch()
+    pil = list(images)
+    if not pil:
+        raise VLMError("images is empty; pass at least one (H, W, 3) uint8 image")
+    token = image_token_id(model, processor)
+    chunks = []
+    for start in range(0, len(pil), batch_size):
+        inputs = image_inputs(processor, pil[start:start + batch_size], prompt)
+        states = _forward_states(model, inputs)
+        chunks.append(select_image_tokens(states, inputs["input_ids"], token, batch_dim=1))
+    return torch.cat(chunks, dim=1)
+
+
+def image_inputs(processor: Any, images: Sequence[Any], prompt: str = PROMPT) -> Any:
+    """Processor inputs for one chat per image (``[user: image + prompt]``, generation prompt added),
+    batched: ``input_ids``, ``attention_mask``, ``pixel_values`` and whatever else the architecture's
+    processor returns (``token_type_ids``, ``pixel_attention_mask``, ...)."""
     from PIL import Image
 
     pil = [Image.fromarray(np.asarray(im)) if not hasattr(im, "convert") else im.convert("RGB") for im in images]
-    if not pil:
-        raise VLMError("images is empty; pass at least one (H, W, 3) uint8 image")
-    image_token_id = getattr(model.config, "image_token_id", None)
-    if image_token_id is None:
-        image_token_id = getattr(model.config, "image_token_index", None)
-    if image_token_id is None:
-        raise VLMError(f"{type(model.config).__name__} has no image_token_id; cannot find the visual tokens")
     text = processor.apply_chat_template(caption_messages(pil[0], prompt), add_generation_prompt=True, tokenize=False)
-    chunks = []
-    for start in range(0, len(pil), batch_size):
-        chunk = pil[start:start + batch_size]
-        inputs = processor(images=chunk, text=[text] * len(chunk), return_tensors="pt")
-        states = _forward_states(model, inputs)
-        is_image = inputs["input_ids"][0] == image_token_id  # the same text for every image
-        chunks.append(states[:, :, is_image, :])
-    return torch.cat(chunks, dim=1)
+    # one list of images per text: the form every processor accepts (Idefics3 refuses a flat list)
+    return processor(images=[[im] for im in pil], text=[text] * len(pil), return_tensors="pt", padding=True)
+
+
+def select_image_tokens(states: Any, input_ids: Any, token_id: int, batch_dim: int = 0) -> Any:
+    """The entries of ``states`` at the positions where ``input_ids (B, T) == token_id``: ``states``
+    has B at ``batch_dim`` and T right after it; returns the same shape with T replaced by P, the image
+    tokens per row (every row must hold the same number)."""
+    torch = _torch()
+    mask = torch.as_tensor(input_ids) == token_id
+    counts = mask.sum(dim=1).tolist()
+    if not counts or counts[0] == 0 or len(set(counts)) != 1:
+        raise VLMError(f"every row must hold the same non-zero number of image tokens (id {token_id}); got {counts}")
+    moved = states.movedim((batch_dim, batch_dim + 1), (0, 1))  # (B, T, ...)
+    picked = moved[mask].reshape(mask.shape[0], counts[0], *moved.shape[2:])
+    return picked.movedim((0, 1), (batch_dim, batch_dim + 1))
 
 
 def text_hidden_states(model: Any, tokenizer: Any, texts: Sequence[str]) -> list[tuple[list[int], Any]]:
@@ -159,7 +217,7 @@ def build_context_bank(model: Any, processor: Any, corpus: Sequence[str], layers
     texts = [str(t) for t in corpus]
     if not texts:
         raise VLMError("corpus is empty; pass a list of texts (e.g. captions of training images)")
-    n_layers = len(_language_model(model).layers)
+    n_layers = len(language_model(model).layers)
     chosen = list(range(1, n_layers + 1)) if layers is None else sorted({int(x) for x in layers})
     bad = [x for x in chosen if not 0 <= x <= n_layers]
     if bad or not chosen:
