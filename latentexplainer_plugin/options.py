@@ -31,6 +31,7 @@ KNOWN_CAPABILITIES: dict[str, str] = {
     "directions": "adapter: explains directions found by a direction finder (--direction)",
     "latent_axes": "adapter: explains the axes of a latent vector",
     "sampling_loop": "adapter: edits every step of a sampling loop (--steps, --t-edit)",
+    "inversion": "adapter: maps images back to the noises it samples from (--direction conditional)",
     "needs_data": "direction finder: needs labelled images (--data)",
     "per_step": "edit rule: applied on each step of a sampling loop",
     "sae_features": "adapter: its latents are the features of a sparse autoencoder at a site (--sae)",

@@ -1,7 +1,7 @@
 """DDPM/DDIM adapter: h-space traversals of an unconditional diffusion UNet, through nnsight.
 
 1. Bases are initial noises x_T ~ N(0, I), shape (n, C, H, W), drawn from a seed, or obtained from
-   the user's own images by deterministic DDIM inversion (:meth:`DDPMAdapter.invert`).
+   the user's own images by deterministic inversion of the sampler (:meth:`DDPMAdapter.invert`).
 2. :class:`SamplingLoop` is a small ``nn.Module`` whose ``forward(x_T)`` runs the whole sampling
    loop, so one nnsight trace with ``calls=steps`` covers every denoising step. The UNet's children
    are registered on it, so site paths are the UNet's own: ``mid_block`` (h-space), not
@@ -90,6 +90,10 @@ class SamplingLoop(nn.Module):
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Final sample -> image in [-1, 1] (identity for pixel-space models)."""
         return x
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Image in [-1, 1] -> clean sample x_0, the inverse of :meth:`decode` (identity for pixel-space models)."""
+        return images
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sch = self.scheduler
@@ -518,59 +522,124 @@ class DDPMAdapter(Adapter):
             for li, i in enumerate(indices)
         ]
 
-    # -- DDIM inversion --------------------------------------------------------------------------
+    # -- inversion -------------------------------------------------------------------------------
+
+    @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """Shape (C, H, W) of the images :meth:`invert` takes (pixel-space models: ``image_shape``)."""
+        return self.image_shape
 
     @torch.no_grad()
     def invert(self, images: torch.Tensor, steps: int | None = None, refine: int = 0) -> torch.Tensor:
-        """Deterministic DDIM inversion (eta = 0) of images (n, C, H, W) in [0, 1] to noises x_T.
+        """Deterministic inversion of images (n, C, H, W) in [0, 1] to the noises that sampling starts from.
 
-        Runs the DDIM update backwards, x_{t-dt} -> x_t for t ascending. The update needs
-        eps(x_t, t) at the unknown x_t; the classic inversion (Song et al. 2021, Sec. 4.3) uses
-        eps(x_{t-dt}, t) instead. ``refine`` > 0 then solves x_t = step^-1(x_{t-dt}, eps(x_t, t))
-        by that many fixed-point iterations (one extra UNet call each), which makes sampling the
-        result reproduce the images much more exactly. Needs a DDIMScheduler and an
-        epsilon-prediction model; ``steps`` defaults to the adapter's.
+        The images go through ``driver.encode`` (pixel models: as they are; latent models: the VAE
+        encoder), then :meth:`invert_samples` runs the sampler's update backwards. ``steps``
+        defaults to the adapter's; ``refine`` > 0 adds fixed-point iterations per step.
         """
-        from diffusers import DDIMScheduler
-
-        if not isinstance(self.scheduler, DDIMScheduler):
-            raise ValueError(f"invert() mirrors DDIM sampling; this adapter samples with {type(self.scheduler).__name__}: use a DDIMScheduler")
-        config = self.scheduler.config
-        if config.prediction_type != "epsilon":
-            raise ValueError(f"invert() supports epsilon-prediction models, this scheduler has prediction_type={config.prediction_type!r}")
-        if not isinstance(refine, int) or refine < 0:
+        if not isinstance(refine, int) or isinstance(refine, bool) or refine < 0:
             raise ValueError(f"refine must be an integer >= 0, got {refine!r}")
+        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        self.inversion_kind()  # refuse an unsupported scheduler before any work
         images = torch.as_tensor(images, dtype=torch.float32)
-        if images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
-            raise ValueError(f"images must have shape (n, {', '.join(map(str, self.image_shape))}) in [0, 1], got {tuple(images.shape)}")
+        shape = self.pixel_shape
+        if images.ndim != 4 or tuple(images.shape[1:]) != tuple(shape):
+            raise ValueError(f"images must have shape (n, {', '.join(map(str, shape))}) in [0, 1], got {tuple(images.shape)}: "
+                             f"invert images of the size the model generates ({shape[1]}x{shape[2]}, {shape[0]} channels)")
         check_finite(images, "images")
-        sch = DDIMScheduler.from_config(config)
-        sch.set_timesteps(steps or self.driver.steps)
-        ab = sch.alphas_cumprod.double().to(self.device)
-        jump = config.num_train_timesteps // sch.num_inference_steps
-        clip = config.clip_sample_range if config.clip_sample else None
-
-        def eps_at(x: torch.Tensor, t: int) -> torch.Tensor:
-            return self.unet(x.to(self.dtype), t, return_dict=False)[0].double()
-
         out = []
         for chunk in images.split(self.max_batch):
-            x = (chunk * 2.0 - 1.0).to(self.device).double()
-            for t in reversed([int(t) for t in sch.timesteps]):  # ascending t
-                prev = t - jump
-                ab_prev = ab[prev] if prev >= 0 else sch.final_alpha_cumprod.double().to(self.device)
-                eps = eps_at(x, t)  # classic approximation: eps at the less noisy sample
+            x0 = self.driver.encode(chunk.to(self.device) * 2.0 - 1.0)
+            out.append(self.invert_samples(x0, steps=steps, refine=refine))
+        return torch.cat(out)
+
+    def inversion_kind(self) -> str:
+        """How :meth:`invert_samples` runs this adapter's scheduler backwards; ValueError when it cannot.
+
+        ``"ddim"``: DDIMScheduler, its update exactly (eta = 0, x_0 clipping mirrored); ``"sigma"``:
+        EulerDiscreteScheduler (epsilon) and FlowMatchEulerDiscreteScheduler, whose deterministic step
+        is x <- x + (sigma_next - sigma) * model_output; ``"vp"``: other schedulers with
+        ``alphas_cumprod`` and epsilon prediction (DPM-Solver, PNDM, ...), inverted with the first-order
+        DDIM update along their timesteps, an approximation of their higher-order sampler.
+        """
+        sch = self.scheduler
+        kind = type(sch).__name__
+        config = getattr(sch, "config", {})
+        prediction = config.get("prediction_type", "epsilon") if hasattr(config, "get") else "epsilon"
+        if kind == "FlowMatchEulerDiscreteScheduler":
+            if config.get("stochastic_sampling", False):
+                raise ValueError("invert() needs deterministic sampling; this FlowMatchEulerDiscreteScheduler has stochastic_sampling=True")
+            return "sigma"
+        if prediction != "epsilon":
+            raise ValueError(f"invert() supports epsilon-prediction models (and flow matching), this scheduler has "
+                             f"prediction_type={prediction!r}")
+        if kind == "DDIMScheduler":
+            return "ddim"
+        if kind == "EulerDiscreteScheduler":
+            return "sigma"
+        if getattr(sch, "alphas_cumprod", None) is not None and float(getattr(sch, "init_noise_sigma", 1.0)) == 1.0:
+            return "vp"  # samples x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps, as DDIM's
+        raise ValueError(f"invert() runs DDIM, Euler or flow-matching Euler sampling backwards (or DDIM along the timesteps "
+                         f"of a variance-preserving scheduler such as DPM-Solver); {kind} is none of these: give the "
+                         "pipeline a DDIMScheduler or an EulerDiscreteScheduler")
+
+    @torch.no_grad()
+    def invert_samples(self, x: torch.Tensor, steps: int | None = None, refine: int = 0) -> torch.Tensor:
+        """Clean samples x_0 (n, *image_shape) -> the noises that sampling (:meth:`sample`) starts from.
+
+        Runs the sampler's update backwards, t ascending, with the model as the adapter samples it
+        (guidance included: the result is the inverse of the guided ODE that sampling integrates).
+        Each step needs the model output at the unknown noisier sample; the classic inversion (Song
+        et al. 2021, Sec. 4.3) takes it at the less noisy one instead. ``refine`` > 0 solves the step
+        by that many fixed-point iterations (one extra model call each).
+        """
+        kind = self.inversion_kind()
+        sch = self.scheduler
+        sch.set_timesteps(steps or self.driver.steps, device=self.device)
+        timesteps = list(sch.timesteps)
+        x = x.to(self.device).double()
+
+        def output_at(sample: torch.Tensor, t: Any, index: int) -> torch.Tensor:
+            if hasattr(sch, "_step_index"):  # Euler's scale_model_input reads the sigma of the current step
+                sch._step_index = index
+            return self.driver.model_output(sample.to(self.dtype), t).double()
+
+        if kind == "sigma":  # sampling: x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * out(x_i, t_i)
+            sigmas = sch.sigmas.double().to(self.device)
+            for i in reversed(range(len(timesteps))):
+                t, step = timesteps[i], sigmas[i + 1] - sigmas[i]
+                out = output_at(x, t, i)
                 for k in range(refine + 1):
-                    # invert DDIM eq. (12): x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev) eps
+                    x_i = x - step * out
+                    if k < refine:
+                        out = output_at(x_i, t, i)
+                x = x_i
+        else:  # DDIM eq. (12), inverted: x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev) eps
+            ab = sch.alphas_cumprod.double().to(self.device)
+            one = torch.ones((), dtype=torch.float64, device=self.device)
+            if kind == "ddim":
+                jump = sch.config.num_train_timesteps // sch.num_inference_steps
+                final = torch.as_tensor(sch.final_alpha_cumprod, dtype=torch.float64, device=self.device)
+                prevs = [ab[int(t) - jump] if int(t) - jump >= 0 else final for t in timesteps]
+                clip = sch.config.clip_sample_range if sch.config.clip_sample else None
+            else:
+                prevs = [ab[int(t)] for t in timesteps[1:]] + [one]
+                clip = None
+            for i in reversed(range(len(timesteps))):
+                t, ab_prev = timesteps[i], prevs[i]
+                eps = output_at(x, t, i)
+                for k in range(refine + 1):
                     x0 = (x - (1 - ab_prev).sqrt() * eps) / ab_prev.sqrt()
                     if clip is not None:  # sampling clips the predicted x_0; mirror it
                         x0 = x0.clamp(-clip, clip)
-                    x_t = ab[t].sqrt() * x0 + (1 - ab[t]).sqrt() * eps
+                    x_t = ab[int(t)].sqrt() * x0 + (1 - ab[int(t)]).sqrt() * eps
                     if k < refine:
-                        eps = eps_at(x_t, t)
+                        eps = output_at(x_t, t, i)
                 x = x_t
-            out.append(x.float().cpu())
-        return torch.cat(out)
+        if getattr(self.driver, "scale_initial_noise", True):  # the loop multiplies the noise by init_noise_sigma
+            x = x / float(sch.init_noise_sigma)
+        return x.float().cpu()
 
     def latent_coordinates(self, bases: torch.Tensor, alpha: float = 1.0) -> tuple[torch.Tensor, Any, torch.Tensor]:
         """For captum: the strengths alpha (B, K) of the K h-space directions, the base noises

@@ -55,6 +55,11 @@ class GuidedSamplingLoop(SamplingLoop):
         scaling = getattr(getattr(self.vae, "config", None), "scaling_factor", 1.0)
         return self.vae.decode(x / scaling, return_dict=False)[0]  # 3. latents -> image
 
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> latents (the inverse of :meth:`decode`): the VAE posterior's mean x scaling_factor."""
+        scaling = getattr(getattr(self.vae, "config", None), "scaling_factor", 1.0)
+        return self.vae.encode(images.to(self.vae.dtype), return_dict=False)[0].mean * scaling
+
 
 @torch.no_grad()
 def encode_prompt(text_encoder: nn.Module, tokenizer: Any, prompt: str, device: torch.device) -> torch.Tensor:
@@ -74,11 +79,12 @@ class StableDiffusionAdapter(DDPMAdapter):
         guidance_scale: classifier-free guidance weight g (<= 1: no guidance, one UNet pass).
         Everything else as :class:`DDPMAdapter` (``steps``, ``t_edit``, ``scale``, ``site``, ...).
 
-    :meth:`invert` is not supported (it would need the VAE encoder and guided inversion).
+    :meth:`invert` encodes images with the VAE (posterior mean x scaling_factor) and runs the guided
+    DDIM update backwards (see :meth:`DDPMAdapter.invert_samples`).
     """
 
     name = "sd"
-    capabilities = frozenset({"directions", "sampling_loop"})  # no inversion: it would need the VAE encoder
+    capabilities = frozenset({"directions", "sampling_loop", "inversion"})
 
     class Options(DDPMOptions):
         """Options of the ``sd`` adapter."""
@@ -133,8 +139,12 @@ class StableDiffusionAdapter(DDPMAdapter):
             negative = encode_prompt(self.text_encoder, self.tokenizer, self.negative_prompt, device).to(self.device, self.dtype)
         return GuidedSamplingLoop(self.unet, self.scheduler, steps, self.vae, context, negative, self.guidance_scale)
 
-    def invert(self, images: torch.Tensor, steps: int | None = None, refine: int = 0) -> torch.Tensor:
-        raise NotImplementedError("StableDiffusionAdapter does not invert images; pass latent noises as bases")
+    @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the pipeline makes (and :meth:`invert` takes): latent side x the VAE's scale."""
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        _, h, w = self.image_shape
+        return int(self.vae.config.in_channels), h * factor, w * factor
 
     def describe(self) -> dict[str, Any]:
         return super().describe() | {"prompt": self.prompt, "negative_prompt": self.negative_prompt,

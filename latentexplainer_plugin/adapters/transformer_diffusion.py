@@ -16,6 +16,10 @@ denoisers that are transformers over latent patches:
    with a learned variance (``out_channels == 2 * in_channels``) step with the eps half only.
 4. The default site is the output hidden states (B, tokens, dim) of the middle transformer block
    (``default_plugins/sites.py`` says why); ``site=`` picks any block.
+5. ``invert(images)``: the VAE encoder's posterior mean, scaled as the decode un-does it
+   (:meth:`TransformerSamplingLoop.encode`), then the family's own scheduler run backwards with the
+   guided model output (:meth:`DDPMAdapter.invert_samples`); so ``--direction conditional --data``
+   works for every family here.
 
 Families: :class:`DiTAdapter` (``DiTPipeline``, class-conditional) and :class:`PixArtAdapter`
 (``PixArtAlphaPipeline`` / ``PixArtSigmaPipeline``, T5-prompt-conditioned) here; SD3 and FLUX (joint
@@ -159,6 +163,28 @@ class TransformerSamplingLoop(SamplingLoop):
             if upcast:
                 vae.to(torch.float16)
 
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> latents, the inverse of :meth:`decode`: the mean of the VAE encoder's
+        posterior (no sampling, so inversion is deterministic), shifted and scaled as the pipelines
+        prepare image latents (SDXL: normalized with ``latents_mean`` / ``latents_std`` when present),
+        in the same dtype rule as the decode (SDXL: a float16 ``force_upcast`` VAE encodes in float32)."""
+        vae = self.vae
+        config = getattr(vae, "config", None)
+        upcast = self.upcast_vae and vae.dtype == torch.float16 and bool(getattr(config, "force_upcast", False))
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            z = vae.encode(images.to(vae.dtype), return_dict=False)[0].mean
+            mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+            if self.upcast_vae and mean is not None and std is not None:
+                shape = (1, -1) + (1,) * (z.ndim - 2)
+                mean, std = (torch.tensor(v).view(shape).to(z.device, z.dtype) for v in (mean, std))
+                return (z - mean) * config.scaling_factor / std
+            return (z - (getattr(config, "shift_factor", None) or 0.0)) * getattr(config, "scaling_factor", 1.0)
+        finally:
+            if upcast:
+                vae.to(torch.float16)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sch = self.scheduler
         sch.set_timesteps(self.steps, device=x.device)  # also resets multistep schedulers' state
@@ -195,7 +221,7 @@ class TransformerDiffusionAdapter(DDPMAdapter):
     timestep_divisor: ClassVar[float] = 1.0
     scale_initial_noise: ClassVar[bool] = True
     upcast_vae: ClassVar[bool] = False  # the pipeline decodes a float16 force_upcast VAE in float32 (SDXL)
-    capabilities: ClassVar[frozenset[str]] = frozenset({"directions", "sampling_loop"})
+    capabilities: ClassVar[frozenset[str]] = frozenset({"directions", "sampling_loop", "inversion"})
 
     def __init__(self, pipeline: Any, *, guidance_scale: float = 4.0, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, model_id: str | None = None, **options: Any):
@@ -269,8 +295,13 @@ class TransformerDiffusionAdapter(DDPMAdapter):
         """Load a saved pipeline directory (or hub id) of one of ``pipeline_classes``; see :func:`load_pipeline`."""
         return cls(path_or_id, steps=steps, t_edit=t_edit, device=device, dtype=dtype, allow_pickle=allow_pickle, **options)
 
-    def invert(self, images: torch.Tensor, steps: int | None = None, refine: int = 0) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} does not invert images; pass latent noises as bases")
+    @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the pipeline makes (and :meth:`invert` takes): the latent side x the VAE's scale."""
+        config = self.vae.config
+        factor = 2 ** (len(config.block_out_channels) - 1)
+        _, h, w = self.image_shape
+        return int(config.in_channels), h * factor, w * factor
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()

@@ -1,7 +1,7 @@
 """Conditional directions: mean(h | y = 1) - mean(h | y = 0), one per binary label (as in CSVAE).
 
 Codes and labels can be given directly, or come from a diffusion adapter:
-1. x_T: DDIM-inverted from the user's ``images``, or noises drawn from ``seed``.
+1. x_T: inverted from the user's ``images`` (``adapter.invert``), or noises drawn from ``seed``.
 2. Codes: h at the adapter's site, averaged over the steps of the edit window (``hooks.capture``).
 3. Labels: given, or ``classifier(images)`` on the images (given, or sampled from x_T).
 4. Direction per label column: the difference of class means, normalized; its raw norm is kept.
@@ -14,6 +14,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .base import Directions
+
+#: The adapters whose ``invert`` maps images back to the noises they sample from (docs/diffusion.md).
+INVERTING_FAMILIES = "the diffusion adapters ddpm, sd, sdxl, dit, pixart, sd3 and flux"
 
 
 def _binary_labels(labels: Any, n: int) -> torch.Tensor:
@@ -68,8 +71,12 @@ def conditional(codes: torch.Tensor | None = None, labels: Any = None, *, adapte
         if labels is None and classifier is None:
             raise ValueError("conditional() needs labels, or a classifier callable that labels images")
         if images is not None:
+            if "inversion" not in (getattr(adapter, "capabilities", None) or ()):
+                raise ValueError(f"the {getattr(adapter, 'name', type(adapter).__name__)} adapter cannot invert images to its "
+                                 f"latents (capability 'inversion'); {INVERTING_FAMILIES} can. Give codes and labels "
+                                 "instead, or a classifier that labels n_samples sampled images")
             bases = adapter.invert(images)
-            provenance["source"] = f"{len(images)} DDIM-inverted images"
+            provenance["source"] = f"{len(images)} inverted images"
         else:
             if labels is not None:
                 raise ValueError("labels without images: give the images they label, or a classifier for sampled images")
