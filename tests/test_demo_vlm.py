@@ -86,6 +86,19 @@ def test_demo_vlm_sae_features_are_accounted_for(demo_run):
     live = [r for r in rows if not r["dead"]]
     assert s["examples_clear_among_followers"] == sum(r["examples"]["clear"] for r in live if r["follows"])
     assert s["examples_clear_among_non_followers"] == sum(r["examples"]["clear"] for r in live if not r["follows"])
+    # the demo VLM explains its own features from the same examples (captions, hf caption_compare mode)
+    for r in live:
+        own = r["self_examples"]
+        assert (own["explanation"] is not None) == own["clear"] and len(own["answers"]) == 5
+        assert own["names_followed"] == bool(own["clear"] and r["follows"] in own["attributes"])
+        assert own["clear"] or own["attributes"] == []
+    assert s["self_examples_clear_among_followers"] == sum(r["self_examples"]["clear"] for r in live if r["follows"])
+    assert s["self_examples_clear_among_non_followers"] == sum(r["self_examples"]["clear"] for r in live
+                                                               if not r["follows"])
+    assert s["self_examples_naming_the_followed_attribute"] == sum(r["self_examples"]["names_followed"] for r in live)
+    assert s["self_and_offline_agree"] == sum(
+        bool(set(r["examples"]["attributes"]) & set(r["self_examples"]["attributes"])) for r in live)
+    assert "explained by the VLM itself (captions)" in (out / "report.html").read_text()
     assert "SAE features at model.language_model.layers.0.output" in (out / "report.html").read_text()
 
 

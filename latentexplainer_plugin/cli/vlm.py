@@ -52,6 +52,11 @@ def cmd_demo_vlm(args: argparse.Namespace) -> int:
               f"{s['steering_changes_the_followed_attribute']}; IoU median {s['iou_median']}; from examples: "
               f"{s['examples_clear_among_followers']} clear, {s['examples_naming_the_followed_attribute']} naming it, "
               f"{s['examples_clear_among_non_followers']} clear among the others")
+        if "self_examples_clear_among_followers" in s:
+            print(f"  explained by the demo VLM itself (captions): {s['self_examples_clear_among_followers']} clear among "
+                  f"followers, {s['self_examples_naming_the_followed_attribute']} naming it, "
+                  f"{s['self_examples_clear_among_non_followers']} clear among the others; "
+                  f"{s['self_and_offline_agree']} agree with the offline explainer")
     out = Path(args.out)
     print(f"wrote {out / 'results.json'} and {out / 'report.html'} in {data['seconds']:.0f} s")
     return 0

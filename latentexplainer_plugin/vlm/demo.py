@@ -85,8 +85,15 @@ def _features_html(features: dict[str, Any] | None) -> str:
                     f"<td>{r['mean_on_object']:.3f} / {r['mean_on_background']:.3f}</td>"
                     f"<td>{html.escape(steer['most_changed'] or '-')} "
                     f"({max(steer['changes'].values()):.2f})</td>"
-                    f"<td>{html.escape(r['examples']['explanation'] or 'no clear explanation')}</td></tr>")
+                    f"<td>{html.escape(r['examples']['explanation'] or 'no clear explanation')}</td>"
+                    + (f"<td>{html.escape(r['self_examples']['explanation'] or 'no clear explanation')}</td>"
+                       if "self_examples" in r else "") + "</tr>")
     follows = ", ".join(f"{a} {n}" for a, n in s["follows"].items() if n)
+    own = "self_examples_clear_among_followers" in s
+    own_text = (f""" Explained by the VLM itself from the same examples (its captions of firing vs non-firing images):
+{s['self_examples_clear_among_followers']} of the followers are clear, {s['self_examples_naming_the_followed_attribute']} of
+those name the followed attribute; {s['self_examples_clear_among_non_followers']} non-followers are clear;
+{s['self_and_offline_agree']} features are clear for both explainers on a common attribute.""" if own else "")
     return f"""<h2>SAE features at {html.escape(sae['site'])} (image tokens)</h2>
 <p>TopK SAE, {sae['d_sae']} features, k={sae['k']}, {sae['steps']} steps on {sae['train_images']} training images:
 FVU {sae['training'].get('fvu', float('nan')):.4f}. Held-out ({features['held_out']['n']} images): {s['live']} live,
@@ -97,10 +104,11 @@ object patches than on background patches; IoU of activation masks vs object mas
 {s['iou_median'] if s['iou_median'] is not None else 'n/a'}, {s['iou_over_0_5']} features above 0.5. Explained from
 their examples: {s['examples_clear_among_followers']} of the features that follow an attribute are clear, and
 {s['examples_naming_the_followed_attribute']} of those name it; {s['examples_clear_among_non_followers']} features
-that follow no attribute are clear.</p>
+that follow no attribute are clear.{own_text}</p>
 <table><tr><th>feature</th><th>frequency</th><th></th><th>follows</th><th>eta&sup2;</th><th>IoU</th>
 <th>mean on object / background patches</th>
-<th>steering changes most (share of captions)</th><th>explained from its examples (offline)</th></tr>{''.join(rows)}</table>"""
+<th>steering changes most (share of captions)</th><th>explained from its examples (offline)</th>
+{'<th>explained by the VLM itself (captions)</th>' if own else ''}</tr>{''.join(rows)}</table>"""
 
 
 def _report(data: dict[str, Any]) -> str:
@@ -132,14 +140,16 @@ patches; bank: {c['bank_contexts']} contexts of {c['bank_words']} words at layer
 def run_demo_vlm(out: str | Path, *, model_dir: str | Path | None = None, caption_images: int = 200,
                  lens_images: int = 100, bank_captions: int = 1000, top_k: int = 5,
                  max_contexts_per_token: int = 50, sae_features: int = 64, sae_steps: int = 400,
-                 feature_train_images: int = 600, feature_images: int = 200, feature_layer: int = 0) -> dict[str, Any]:
+                 feature_train_images: int = 600, feature_images: int = 200, feature_layer: int = 0,
+                 self_explain: bool = True) -> dict[str, Any]:
     """Run the multimodal demo and write ``results.json``, ``lenses.png`` and ``report.html`` to ``out``.
 
     ``model_dir``: a demo-VLM directory (default: the shipped weights). Sizes: held-out images
     captioned (``caption_images``) and read by the lenses (``lens_images``), training captions in the
     contextual bank (``bank_captions``). SAE features: ``sae_features`` (0: skip the section) trained for
     ``sae_steps`` on ``feature_train_images`` at decoder layer ``feature_layer``, read on
-    ``feature_images`` held-out images."""
+    ``feature_images`` held-out images; with ``self_explain`` the demo VLM also explains its own features
+    from their examples (by captions, next to the offline contrastive explainer)."""
     for name, value in (("caption_images", caption_images), ("lens_images", lens_images),
                         ("bank_captions", bank_captions), ("top_k", top_k),
                         ("max_contexts_per_token", max_contexts_per_token), ("sae_steps", sae_steps),
@@ -172,7 +182,8 @@ def run_demo_vlm(out: str | Path, *, model_dir: str | Path | None = None, captio
 
         with tempfile.TemporaryDirectory(prefix="demo-vlm-sae-") as work:
             features = vlm_sae_features(model, processor, work, layer=feature_layer, train_images=feature_train_images,
-                                        held_images=feature_images, d_sae=sae_features, steps=sae_steps)
+                                        held_images=feature_images, d_sae=sae_features, steps=sae_steps,
+                                        self_explain=self_explain)
             shutil.copytree(Path(work) / "sae", out / "sae", dirs_exist_ok=True)  # SAELens layout
         features["sae"]["path"] = "sae"
         features["sae"]["training"] = {key: v for key, v in features["sae"]["training"].items()

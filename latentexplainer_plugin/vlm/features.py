@@ -22,6 +22,11 @@ and object mask:
    activation maps, and images where it never fires) goes to a backend's ``explain_examples``
    (default: the offline contrastive explainer), ``n`` answers, certainty as for every latent. A
    clear explanation **names the followed attribute** when one of its claims is about it.
+7. The VLM explains its own features (an LMM explaining an LMM, ``self_explain``): the same example
+   sets go to the ``hf`` backend in ``caption_compare`` mode wrapping the VLM itself, which captions
+   every firing and non-firing image and names the caption word over-represented where the feature
+   fires (:func:`latentexplainer_plugin.backends.hf.contrast_captions`), in the claim vocabulary of
+   the offline answers.
 """
 
 from __future__ import annotations
@@ -192,21 +197,33 @@ def _settings(**values: Any) -> None:
 def vlm_sae_features(model: Any, processor: Any, work_dir: str | Path, *, layer: int = 0, train_images: int = 600,
                      held_images: int = 200, d_sae: int = 128, k: int = 4, steps: int = 400, steer_images: int = 12,
                      steer_multiple: float = 2.0, follow_eta2: float = 0.3, top: int = 5, seed: int = 0,
-                     held_seed: int = 7_000_003, backend: Any = None, samples: int = 5) -> dict[str, Any]:
+                     held_seed: int = 7_000_003, backend: Any = None, samples: int = 5,
+                     self_explain: bool = True) -> dict[str, Any]:
     """Steps 1-5 of the module docstring on the shapes data. Returns JSON-ready data: ``sae`` (settings
     and training metrics), ``features`` (one row per feature: ``feature``, ``dead``, ``dense``,
     ``frequency``, ``follows``, ``eta2`` per attribute, ``iou``, ``top_items``, ``steering``), ``summary``,
     and ``held_out``; the held-out collection stays in ``work_dir/held``. ``backend`` explains each live
-    feature's example set with ``samples`` answers (default: the offline explainer)."""
+    feature's example set with ``samples`` answers (default: the offline explainer). ``self_explain``:
+    the VLM explains the same example sets too, by its captions (step 7; ``self_examples`` per feature).
+    """
     from ..data.shapes import make_dataset
     from ..backends.offline import OfflineBackend
     from ..sae.examples import activation_maps, feature_iou, index_examples
     from .evaluate import generate_captions
 
     backend = backend if backend is not None else OfflineBackend()
+    self_backend = None
+    if self_explain:
+        from ..backends.hf import HFBackend
+
+        # the loaded VLM itself; its captions are short (about 14 tokens for the demo VLM)
+        self_backend = HFBackend(str(getattr(model, "name_or_path", "") or "the VLM"), model=model, processor=processor,
+                                 mode="caption_compare", max_new_tokens=24)
 
     _settings(train_images=train_images, held_images=held_images, d_sae=d_sae, k=k, steps=steps,
               steer_images=steer_images, top=top)
+    if not isinstance(self_explain, bool):
+        raise VLMError(f"self_explain must be True or False, got {self_explain!r}")
     if not 0 < follow_eta2 <= 1:
         raise VLMError(f"follow_eta2 must be in (0, 1], got {follow_eta2!r}")
     work = Path(work_dir)
@@ -240,6 +257,11 @@ def vlm_sae_features(model: Any, processor: Any, work_dir: str | Path, *, layer:
         explained = explain_feature_examples(sae, work / "held", index, f, held["images"], held["masks"], backend,
                                              samples, top)
         explained["names_followed"] = bool(follows and explained["clear"] and follows in explained["attributes"])
+        if self_backend is not None:
+            own = explain_feature_examples(sae, work / "held", index, f, held["images"], held["masks"], self_backend,
+                                           samples, top)
+            own["names_followed"] = bool(follows and own["clear"] and follows in own["attributes"])
+            row["self_examples"] = own
         rows.append(row | {"examples": explained, "follows": follows, "eta2": {a: round(v, 4) for a, v in eta.items()},
                            "iou": None if math.isnan(iou) else round(iou, 4), "top_items": items,
                            "mean_on_object": round(float(regions["object"][f]), 4),
@@ -263,6 +285,17 @@ def vlm_sae_features(model: Any, processor: Any, work_dir: str | Path, *, layer:
                "examples_clear_among_non_followers": sum(r["examples"]["clear"] for r in live if not r["follows"]),
                "iou_median": round(float(np.median(ious)), 4) if ious else None,
                "iou_over_0_5": sum(v > 0.5 for v in ious)}
+    if self_backend is not None:
+        own_clear = [r for r in following if r["self_examples"]["clear"]]
+        summary |= {"self_examples_clear_among_followers": len(own_clear),
+                    "self_examples_naming_the_followed_attribute": sum(r["self_examples"]["names_followed"]
+                                                                       for r in own_clear),
+                    "self_examples_clear_among_non_followers": sum(r["self_examples"]["clear"] for r in live
+                                                                   if not r["follows"]),
+                    # both explainers clear and about a common attribute
+                    "self_and_offline_agree": sum(bool(r["examples"]["clear"] and r["self_examples"]["clear"] and
+                                                       set(r["examples"]["attributes"]) & set(r["self_examples"]["attributes"]))
+                                                  for r in live)}
     return {"sae": {"layer": layer, "site": language_layer_path(model, layer) + ".output", "d_sae": d_sae, "k": k,
                     "steps": steps, "train_images": train_images, "training": report.get("metrics", {})},
             "features": rows, "summary": summary,
