@@ -22,6 +22,7 @@ from .backends.base import Backend, FatalBackendError
 from .biases.base import InductiveBias, build_prompt
 from .components import get_adapter, get_backend, get_bias
 from .evidence import MIN_STRIPS, NonFiniteImagesError, traversal_evidence
+from .options import capabilities_of
 from .results import ExplanationResults, LatentResult
 from .uncertainty import get_similarity, select_explanation
 from .uncertainty.selection import ONE_ANSWER_NOTE
@@ -125,8 +126,12 @@ class LatentExplainer:
         """:meth:`attribute`, one :class:`LatentResult` at a time as each latent finishes (so a caller
         can save it at once); latents in ``skip`` are not computed."""
         targets = self.resolve_targets(target)
-        bases = self._bases(inputs)
         todo = [t for t in targets if t not in set(skip)]
+        if "examples_only" in capabilities_of(self.adapter):  # no traversal: the example set is the evidence
+            for index in todo:
+                yield self._examples_only(index)
+            return
+        bases = self._bases(inputs)
         for start in range(0, len(todo), self.chunk_size):
             chunk = todo[start : start + self.chunk_size]
             t0 = time.perf_counter()
@@ -151,10 +156,24 @@ class LatentExplainer:
                     self._add_examples(result)
                 yield result
 
-    def _add_examples(self, result: LatentResult) -> None:
+    def _examples_only(self, index: int) -> LatentResult:
+        """A latent explained from its example set alone (adapters with capability ``examples_only``):
+        the example answers are the result's answers; the ``examples`` record keeps the set's details."""
+        result = LatentResult(self.adapter.latent_id(index), index, "ok")
+        chosen = self._add_examples(result)
+        record = result.extras.get("examples", {})
+        if chosen is None:
+            result.status, result.error = "failed", record.get("error", "no example answers")
+            return result
+        result.explanation = chosen.explanation if chosen.clear else None
+        result.certainty, result.clear, result.responses = chosen.certainty, bool(chosen.clear), chosen.responses
+        return result
+
+    def _add_examples(self, result: LatentResult) -> Any:
         """Explain ``result``'s feature from its example set too (the adapter's ``example_set``):
         the record goes to ``result.extras["examples"]``, the set and its prompt image to
-        ``result.example_evidence`` (``report.examples.ExamplesWriter`` saves the image)."""
+        ``result.example_evidence`` (``report.examples.ExamplesWriter`` saves the image). Returns the
+        selected :class:`~latentexplainer_plugin.types.Explanation`, None when the examples failed."""
         from .biases.examples import build_example_prompt
         from .results import responses_json
         from .types import usage_of
@@ -168,10 +187,11 @@ class LatentExplainer:
             raise
         except Exception as exc:  # reported for this feature's examples; the steering result stands
             result.extras["examples"] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
-            return
+            return None
         record: dict[str, Any] = {"status": "ok", "n_firing": examples.n_active, "n_not_firing": examples.n_inactive,
                                   "iou": examples.meta.get("iou"), "items": examples.meta.get("items"),
                                   "inactive_items": examples.meta.get("inactive_items")}
+        chosen = None
         try:
             chosen = select_explanation(answers, self.similarity, self._threshold()[0])
         except ValueError as exc:  # every sample failed
@@ -183,6 +203,7 @@ class LatentExplainer:
         result.extras["examples"] = record
         result.example_evidence = (examples, prompt.images[0])
         result.timing["examples_s"] = time.perf_counter() - t0
+        return chosen
 
     def _select(self, index: int, traversal: Any, answer: Any) -> LatentResult:
         lid = self.adapter.latent_id(index)

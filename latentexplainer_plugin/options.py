@@ -35,6 +35,7 @@ KNOWN_CAPABILITIES: dict[str, str] = {
     "needs_data": "direction finder: needs labelled images (--data)",
     "per_step": "edit rule: applied on each step of a sampling loop",
     "sae_features": "adapter: its latents are the features of a sparse autoencoder at a site (--sae)",
+    "examples_only": "adapter: its latents are explained from example sets alone, no traversal (--data gives the images)",
 }
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import OptionError, UnknownComponentError, UsageError
+from ..options import capabilities_of
 from .common import _parse_floats, _parse_ints, check_device, in_flag_words
 from .routing import Selected, flags_given, render, route, validate
 
@@ -314,6 +315,10 @@ def explain_model(args: argparse.Namespace, model: Any, adapter_name: str, heade
     plan = plan_explain(args, adapter_name)
     from ..data import load_npz
 
+    examples_only = "examples_only" in capabilities_of(plan.adapter.factory)
+    if examples_only and not getattr(args, "data", None):
+        raise UsageError(f"the {plan.adapter.name} adapter explains its latents from example images only: pass "
+                         f"--data X.npz (images, and masks for IoU) to find where each fires")
     data = load_npz(args.data) if getattr(args, "data", None) else None
     if data is not None and plan.finder is not None:
         check_data = getattr(plan.finder.factory, "check_data", None)
@@ -323,7 +328,7 @@ def explain_model(args: argparse.Namespace, model: Any, adapter_name: str, heade
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
     adapter = _build_adapter(args, plan, model)
-    if plan.sae is not None and data is not None:  # SAE features: example evidence and statistics from the data
+    if (plan.sae is not None or examples_only) and data is not None:  # example evidence and statistics from the data
         try:
             adapter.attach_examples(data["images"], masks=data.get("masks"))
         except ValueError as exc:

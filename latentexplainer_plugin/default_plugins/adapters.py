@@ -13,6 +13,7 @@ def latentexplainer_register_adapters(register):
     from ..adapters.sdxl import SDXLAdapter
     from ..adapters.transformer_diffusion import DiTAdapter, PixArtAdapter
     from ..adapters.vae import VAEAdapter
+    from ..vlm.adapter import VLMFeatureAdapter
 
     register("vae", VAEAdapter)
     register("generator", GeneratorAdapter)
@@ -24,3 +25,4 @@ def latentexplainer_register_adapters(register):
     register("sdxl", SDXLAdapter)
     register("sd3", SD3Adapter)
     register("flux", FluxAdapter)
+    register("vlm", VLMFeatureAdapter)
