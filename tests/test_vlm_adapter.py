@@ -129,3 +129,34 @@ def test_cli_needs_data_for_an_examples_only_adapter(probe_sae, tmp_path, capsys
     assert code == 2
     assert "the vlm adapter explains its latents from example images only: pass --data X.npz" in capsys.readouterr().err
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "idefics3"])
+def test_the_adapter_is_not_tied_to_llava(arch, tmp_path):
+    try:
+        from tests.tiny_vlms import HIDDEN, save_tiny_vlm
+    except ImportError:  # tests/ on sys.path instead of the repository root
+        from tiny_vlms import HIDDEN, save_tiny_vlm  # type: ignore
+    from latentexplainer_plugin.vlm.lens import image_inputs, image_token_id, language_model
+
+    path = save_tiny_vlm(arch, tmp_path / arch)
+    g = torch.Generator().manual_seed(0)
+    sae = SparseAutoencoder(W_enc=torch.randn(HIDDEN, 4, generator=g), b_enc=torch.zeros(4),
+                            W_dec=torch.randn(4, HIDDEN, generator=g), b_dec=torch.zeros(HIDDEN), architecture="standard")
+    images = shapes_on_one_background(24, seed=14)["images"]
+    adapter = VLMFeatureAdapter(str(path), sae, layer=1, n_top=2, n_quantiles=2, n_contrast=2).attach_examples(images)
+    results = LatentExplainer(adapter, samples=2).attribute()
+    assert [r.status for r in results] == ["ok"] * 4
+    # reference: the share of images where each feature fires somewhere, from a plain forward hook on layer 1
+    seen = {}
+    layer = language_model(adapter.model).layers[1]
+    handle = layer.register_forward_hook(lambda _m, _a, out: seen.__setitem__("h", out[0] if isinstance(out, tuple) else out))
+    inputs = image_inputs(adapter.processor, list(images))
+    try:
+        with torch.inference_mode():
+            adapter.model(**inputs)
+    finally:
+        handle.remove()
+    mask = inputs["input_ids"] == image_token_id(adapter.model, adapter.processor)
+    fires = torch.stack([(sae.encode(seen["h"][b][mask[b]]) > 0).any(0) for b in range(len(images))]).float().mean(0)
+    assert [adapter.latent_extras(i)["frequency"] for i in range(4)] == pytest.approx(fires.tolist(), abs=1e-4)
