@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,9 +29,11 @@ from pathlib import Path
 D_IN, GRID, K = 64, (4, 4), 32
 
 
-def _rss_mb() -> float:
+def _rss_mb(field: str = "VmRSS") -> float:
+    """This process's resident memory (VmRSS) or its peak (VmHWM) in MB. Not ru_maxrss: after fork +
+    exec that also counts the parent's resident memory at the fork (Linux keeps the larger)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -70,7 +71,7 @@ def run_one(directory: str, features: int) -> dict:
     t0 = time.perf_counter()
     index = index_examples(sae, store, top_k=10, reservoir=64, contrast=10)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = _rss_mb("VmHWM")
     return {"features": features, "rows": len(store), "items": store.manifest.n_items, "seconds": round(seconds, 2),
             "features_per_min": round(features / seconds * 60), "peak_rss_mb": round(peak), "rss_before_mb": round(before),
             "peak_over_before_mb": round(peak - before), "full_matrix_mb": round(store.manifest.n_items * features * 4 / 2**20),

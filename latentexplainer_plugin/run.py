@@ -26,9 +26,11 @@ def _runs_latents_concurrently(backend: Any) -> bool:
 
 
 def _run_usage(store: RunStore, explainer: LatentExplainer) -> dict[str, int]:
-    """Tokens of every latent in the store, plus the prompt-template request of this invocation
+    """Tokens of every latent in the store (its steering answers and, for SAE features given a
+    dataset, its example-set answers), plus the prompt-template request of this invocation
     (``--prompt-from-llm``), which belongs to no latent."""
-    total = total_usage(store.entries.values())
+    entries = list(store.entries.values())
+    total = total_usage(entries + [e["examples"] for e in entries if isinstance(e, dict) and isinstance(e.get("examples"), dict)])
     template = (getattr(explainer.bias, "extra", None) or {}).get("template_usage") or {}
     for key in total:
         value = template.get(key)
@@ -137,6 +139,13 @@ def summarize(data: dict[str, Any]) -> tuple[str, int]:
             lines.append(f"{e['id']:>6}: FAILED {e.get('error')}")
         else:
             lines.append(f"{e['id']:>6}: {cert}{e['explanation'] if e.get('clear') else 'no clear explanation'}{extra}")
+        ex = e.get("examples")
+        if isinstance(ex, dict):  # an SAE feature's second evidence: the images where it fires
+            if ex.get("status") == "ok":
+                ex_cert = "" if ex.get("certainty") is None else f"[{ex['certainty']:.2f}] "
+                lines.append(f"{'':>6}  examples: {ex_cert}{ex['explanation'] if ex.get('clear') else 'no clear explanation'}")
+            else:
+                lines.append(f"{'':>6}  examples: FAILED {ex.get('error')}")
     status, counts = data.get("status"), data.get("counts") or {}
     if failed:
         lines.append(f"{failed} of {len(data['latents'])} latents failed; see results.json for the errors.")

@@ -154,3 +154,131 @@ def test_render_example_set_rows(tmp_path):
         index_examples(sae, store, top_k=0)
     with pytest.raises(ExamplesError, match="d_in=4, but the collection"):
         index_examples(_identity_sae(4), store)
+
+
+class _CountOpens:
+    """Wraps ``safe_open`` in sae.examples and counts the shard files opened."""
+
+    def __init__(self, monkeypatch):
+        import latentexplainer_plugin.sae.examples as ex_module
+
+        self.n, real = 0, ex_module.safe_open
+
+        def counting(*args, **kwargs):
+            self.n += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(ex_module, "safe_open", counting)
+
+
+def _random_sae(d_in: int, d_sae: int, seed: int = 0) -> SparseAutoencoder:
+    g = torch.Generator().manual_seed(seed)
+    return SparseAutoencoder(torch.randn(d_in, d_sae, generator=g), -0.5 * torch.rand(d_sae, generator=g),
+                             torch.randn(d_sae, d_in, generator=g), torch.zeros(d_in), "standard")
+
+
+def test_example_sets_equal_the_per_feature_path_and_a_direct_reference(tmp_path, monkeypatch):
+    from latentexplainer_plugin.sae.examples import example_sets
+
+    _, store = _collection(tmp_path, calls=2, shard_rows=37)  # 60 items x 4 positions x 2 calls = 13 shards
+    n_shards = len(store.manifest.shards)
+    sae = _random_sae(6, 10)
+    index = index_examples(sae, store, top_k=4, reservoir=8, contrast=3)
+    # reference: every row encoded at once, then the mean over calls per (item, position), by plain loops
+    rows = store.load()
+    f = sae.encode(rows["activations"].float())
+    opts = dict(n_top=4, n_quantiles=3, n_contrast=3)
+    counter = _CountOpens(monkeypatch)
+    batched = example_sets(sae, store, index, list(range(10)), **opts)
+    assert counter.n == n_shards > 1  # one pass for all 10 features
+    counter.n = 0
+    single = [example_set(sae, store, index, j, **opts) for j in range(10)]
+    assert counter.n == 10 * n_shards  # one pass per feature
+    checked = 0
+    for j, ((ex_b, maps_b), (ex_s, maps_s)) in enumerate(zip(batched, single)):
+        assert ex_b == ex_s and ex_b.feature == j
+        assert list(maps_b) == list(maps_s) == [(j, e.item) for e in ex_b.top + ex_b.quantiles]
+        for (feat, item), amap in maps_b.items():
+            assert torch.allclose(amap, maps_s[(feat, item)], atol=1e-6, rtol=0)
+            expected = torch.zeros(H * W)
+            for p in range(H * W):
+                sel = (rows["item"] == item) & (rows["position"] == p)
+                expected[p] = f[sel, feat].mean()
+            assert torch.allclose(amap.flatten(), expected, atol=1e-6, rtol=0)
+            checked += 1
+    assert checked > 30
+    # chunked encoding (2 rows at a time) gives the same maps
+    tiny = example_sets(sae, store, index, [3, 7], chunk_elements=20, **opts)
+    for (_, maps_t), j in zip(tiny, (3, 7)):
+        assert all(torch.allclose(m, batched[j][1][k], atol=1e-6, rtol=0) for k, m in maps_t.items())
+
+
+def test_adapter_reads_the_store_once_per_block_of_features(tmp_path, monkeypatch):
+    from latentexplainer_plugin.adapters import VAEAdapter
+    from latentexplainer_plugin.models.conv_vae import ConvVAE, ConvVAEConfig
+    from latentexplainer_plugin.sae import SAEFeatureAdapter
+    from latentexplainer_plugin.sae.examples import to_example_set
+
+    torch.manual_seed(0)
+    model = ConvVAE(ConvVAEConfig(latent_dim=4, image_size=16, width=8, hidden=16)).eval()
+    adapter = SAEFeatureAdapter(VAEAdapter(model), _random_sae(8, 12, seed=1), site="decoder.deconv.0.input")
+    with pytest.raises(ValueError, match="attach_examples"):
+        adapter.prefetch_examples([0])
+    images = (np.random.default_rng(0).random((30, 16, 16, 3)) * 255).astype(np.uint8)
+    with torch.no_grad():
+        mu = model.encode(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)[0]
+    collect_activations(adapter.inner.driver, adapter.site, [mu[i:i + 8] for i in range(0, 30, 8)], tmp_path / "s",
+                        shard_rows=100)  # 30 items x 16 positions: 5 shards
+    store = ActivationStore(tmp_path / "s")
+    n_shards = len(store.manifest.shards)
+    with pytest.raises(ExamplesError, match="block must be an int >= 1"):
+        adapter.attach_examples(images, store=store, block=0)
+    adapter.attach_examples(images, store=store, n_top=3, n_quantiles=2, n_contrast=2, block=5)
+    e = adapter._examples
+    counter = _CountOpens(monkeypatch)
+    got = [adapter.example_set(i) for i in range(12)]
+    assert counter.n == math.ceil(12 / 5) * n_shards == 3 * n_shards > 3
+    assert e["ready"] == {}  # every prefetched set was handed out: nothing held
+    counter.n = 0
+    for i, s in enumerate(got):
+        ex, maps = example_set(e["sae"], store, e["index"], i, n_top=3, n_quantiles=2, n_contrast=2)
+        ref = to_example_set(ex, images, maps, latent_id=f"f{i}")
+        assert s.latent_id == ref.latent_id and s.meta == ref.meta
+        assert torch.equal(s.activating, ref.activating) and torch.equal(s.inactive, ref.inactive)
+        assert torch.equal(s.activations, ref.activations)
+        assert (s.maps is None) == (ref.maps is None)
+        if s.maps is not None:
+            assert torch.allclose(s.maps, ref.maps, atol=1e-6, rtol=0)
+    live = [i for i, s in enumerate(got) if len(s.activating)]
+    assert 6 <= len(live) < 12 and counter.n == len(live) * n_shards  # per feature: a pass each (none for a dead one)
+    counter.n = 0
+    again = adapter.example_set(live[-1])  # asked again, out of order: read again (with nothing left after it)
+    assert counter.n == n_shards and again.meta == got[live[-1]].meta
+
+
+def test_run_usage_counts_example_answers_and_summary_shows_them():
+    from types import SimpleNamespace
+
+    from latentexplainer_plugin.run import _run_usage, summarize
+
+    def usage(p, c, r):
+        return {"prompt_tokens": p, "completion_tokens": c, "requests": r}
+
+    entries = {
+        "f1": {"id": "f1", "status": "ok", "clear": True, "certainty": 0.9, "explanation": "makes the object larger",
+               "usage": usage(100, 20, 5), "examples": {"status": "ok", "clear": True, "certainty": 0.8,
+                                                        "explanation": "f1 fires when the object is on the left",
+                                                        "usage": usage(300, 40, 5)}},
+        "f2": {"id": "f2", "status": "ok", "clear": False, "certainty": 0.3, "explanation": None, "usage": usage(10, 2, 1),
+               "examples": {"status": "ok", "clear": False, "certainty": 0.4, "explanation": None, "usage": usage(7, 1, 1)}},
+        "f3": {"id": "f3", "status": "ok", "clear": False, "certainty": None, "explanation": None,
+               "examples": {"status": "failed", "error": "ValueError: no images"}},
+    }
+    total = _run_usage(SimpleNamespace(entries=entries), SimpleNamespace(bias=None))
+    assert total == usage(100 + 300 + 10 + 7, 20 + 40 + 2 + 1, 5 + 5 + 1 + 1)
+    text, code = summarize({"latents": list(entries.values()), "status": "complete"})
+    lines = text.splitlines()
+    assert code == 0 and len(lines) == 6
+    assert lines[1] == "        examples: [0.80] f1 fires when the object is on the left"
+    assert lines[3] == "        examples: [0.40] no clear explanation"
+    assert lines[5] == "        examples: FAILED ValueError: no images"

@@ -29,7 +29,9 @@ loading and its checks in :mod:`.pipeline_loading`.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
@@ -146,10 +148,7 @@ class TransformerSamplingLoop(SamplingLoop):
         """
         vae = self.vae
         config = getattr(vae, "config", None)
-        upcast = self.upcast_vae and vae.dtype == torch.float16 and bool(getattr(config, "force_upcast", False))
-        if upcast:
-            vae.to(torch.float32)
-        try:
+        with self._vae_dtype():
             x = x.to(vae.dtype)
             mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
             if self.upcast_vae and mean is not None and std is not None:  # SDXL's de-normalization
@@ -159,6 +158,18 @@ class TransformerSamplingLoop(SamplingLoop):
             else:
                 x = x / getattr(config, "scaling_factor", 1.0) + (getattr(config, "shift_factor", None) or 0.0)
             return vae.decode(x, return_dict=False)[0]
+
+    @contextlib.contextmanager
+    def _vae_dtype(self) -> Iterator[None]:
+        """The VAE in the dtype it encodes and decodes in: float32 for a float16 ``force_upcast`` VAE when
+        ``upcast_vae`` (SDXL), back to float16 afterwards; else unchanged."""
+        vae = self.vae
+        upcast = (self.upcast_vae and vae.dtype == torch.float16
+                  and bool(getattr(getattr(vae, "config", None), "force_upcast", False)))
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            yield
         finally:
             if upcast:
                 vae.to(torch.float16)
@@ -170,10 +181,7 @@ class TransformerSamplingLoop(SamplingLoop):
         in the same dtype rule as the decode (SDXL: a float16 ``force_upcast`` VAE encodes in float32)."""
         vae = self.vae
         config = getattr(vae, "config", None)
-        upcast = self.upcast_vae and vae.dtype == torch.float16 and bool(getattr(config, "force_upcast", False))
-        if upcast:
-            vae.to(torch.float32)
-        try:
+        with self._vae_dtype():
             z = vae.encode(images.to(vae.dtype), return_dict=False)[0].mean
             mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
             if self.upcast_vae and mean is not None and std is not None:
@@ -181,9 +189,6 @@ class TransformerSamplingLoop(SamplingLoop):
                 mean, std = (torch.tensor(v).view(shape).to(z.device, z.dtype) for v in (mean, std))
                 return (z - mean) * config.scaling_factor / std
             return (z - (getattr(config, "shift_factor", None) or 0.0)) * getattr(config, "scaling_factor", 1.0)
-        finally:
-            if upcast:
-                vae.to(torch.float16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sch = self.scheduler

@@ -12,7 +12,7 @@ feature at once and never the full item x feature matrix:
 
 Samples 3-4 keep the items with the smallest hash of (item, feature, seed), so they do not depend
 on shard or batch sizes. Then :func:`activation_maps` reads back only the shards that hold the
-chosen items, :func:`overlay` dims each image by the feature's activation (graded, not binary),
+chosen items (:func:`example_sets`: the maps of many features' examples in one pass), :func:`overlay` dims each image by the feature's activation (graded, not binary),
 :func:`render_example_set` draws one feature's examples as a single PIL image (rows: top,
 quantiles, non-activating), and :func:`mask_iou` compares an activation mask with a ground-truth
 object mask.
@@ -285,44 +285,64 @@ def _grid(positions: Sequence[int], grid: tuple[int, int] | None) -> tuple[int, 
 
 @torch.no_grad()
 def activation_maps(sae: Any, store: ActivationStore | str, requests: Sequence[tuple[int, int]], *,
-                    grid: tuple[int, int] | None = None) -> dict[tuple[int, int], torch.Tensor]:
-    """Activation maps (H, W) for (feature, item) pairs, mean over calls; reads only shards holding those items.
+                    grid: tuple[int, int] | None = None, chunk_elements: int = 1 << 22) -> dict[tuple[int, int], torch.Tensor]:
+    """Activation maps (H, W) for (feature, item) pairs, mean over calls, in one pass over the shards.
 
-    Positions come from the collection: (H, W) of a conv feature map, a square number of tokens
-    (drawn as a square grid), or ``grid`` given explicitly; one vector per item gives a 1 x 1 map.
+    Reads the activations only of shards holding requested items, and keeps only the requested
+    (feature, item) maps: memory is the maps, one shard's hit rows, and encoded blocks of at most
+    ``chunk_elements`` numbers. Positions come from the collection: (H, W) of a conv feature map,
+    a square number of tokens (drawn as a square grid), or ``grid`` given explicitly; one vector
+    per item gives a 1 x 1 map.
     """
     store = ActivationStore(store) if not isinstance(store, ActivationStore) else store
     h, w = _grid(store.manifest.positions, grid)
     p = store.manifest.positions_per_item
     if h * w != p:
         raise ExamplesError(f"grid {(h, w)} has {h * w} cells, but each item has {p} positions")
-    by_item: dict[int, list[int]] = {}
-    for feature, item in requests:
-        if not 0 <= feature < int(sae.d_sae):
-            raise ExamplesError(f"feature {feature} is out of range; the SAE has features 0..{int(sae.d_sae) - 1}")
-        by_item.setdefault(int(item), []).append(int(feature))
-    wanted = torch.tensor(sorted(by_item), dtype=torch.long)
-    sums = {key: torch.zeros(p) for key in ((f, i) for i, fs in by_item.items() for f in fs)}
-    counts = {i: torch.zeros(p) for i in by_item}
+    d_sae = int(sae.d_sae)
+    keys = list(dict.fromkeys((int(f), int(i)) for f, i in requests))  # request order, no repeats
+    bad = [f for f, _ in keys if not 0 <= f < d_sae]
+    if bad:
+        raise ExamplesError(f"feature {bad[0]} is out of range; the SAE has features 0..{d_sae - 1}")
+    if not keys:
+        return {}
+    # pairs grouped by item: the rows of item u meet pairs pair_start[u] .. pair_start[u] + pair_count[u] - 1
+    order = sorted(range(len(keys)), key=lambda n: (keys[n][1], keys[n][0]))
+    pair_feat = torch.tensor([keys[n][0] for n in order], dtype=torch.long)
+    pair_item = torch.tensor([keys[n][1] for n in order], dtype=torch.long)
+    wanted, pair_count = torch.unique_consecutive(pair_item, return_counts=True)
+    pair_start = pair_count.cumsum(0) - pair_count
+    columns = torch.unique(pair_feat)  # the only features kept after encoding
+    pair_col = torch.searchsorted(columns, pair_feat)
+    sums = torch.zeros(len(keys) * p, dtype=torch.float64)
+    counts = torch.zeros(len(wanted) * p, dtype=torch.float64)
+    rows_per_encode = max(1, chunk_elements // d_sae)
     for shard in store.manifest.shards:
         with safe_open(str(store.directory / shard["file"]), framework="pt") as fh:
             items = fh.get_tensor("item")
             hit = torch.isin(items, wanted)
             if not hit.any():
                 continue
-            acts = fh.get_tensor("activations")[hit].float()
-            pos = fh.get_tensor("position")[hit]
-        items = items[hit]
-        f = _encode(sae, acts)
-        for i in torch.unique(items).tolist():
-            sel = items == i
-            counts[i].index_add_(0, pos[sel], torch.ones(int(sel.sum())))
-            for feat in by_item[i]:
-                sums[(feat, i)].index_add_(0, pos[sel], f[sel, feat])
-    missing = [i for i, c in counts.items() if c.sum() == 0]
-    if missing:
+            acts = fh.get_tensor("activations")[hit]
+            pos = fh.get_tensor("position")[hit].long()
+        slot = torch.searchsorted(wanted, items[hit])
+        counts.index_add_(0, slot * p + pos, torch.ones(len(slot), dtype=torch.float64))
+        for r in range(0, len(acts), rows_per_encode):
+            f = _encode(sae, acts[r:r + rows_per_encode].float())[:, columns]  # (rows, requested features)
+            s, at = slot[r:r + rows_per_encode], pos[r:r + rows_per_encode]
+            n = pair_count[s]
+            row = torch.repeat_interleave(torch.arange(len(s)), n)  # each row once per pair of its item
+            first = torch.repeat_interleave(n.cumsum(0) - n, n)
+            pair = torch.repeat_interleave(pair_start[s], n) + torch.arange(len(row)) - first
+            sums.index_add_(0, pair * p + at[row], f[row, pair_col[pair]].double())
+    counts = counts.view(len(wanted), p)
+    seen = counts.sum(1) > 0
+    if not seen.all():
+        missing = wanted[~seen].tolist()
         raise ExamplesError(f"items {missing[:10]} are not in the collection at {store.directory} ({store.manifest.n_items} items)")
-    return {key: (s / counts[key[1]].clamp_min(1)).reshape(h, w) for key, s in sums.items()}
+    means = (sums.view(len(keys), p) / counts[torch.searchsorted(wanted, pair_item)].clamp_min(1)).float()
+    by_key = {(int(f), int(i)): means[n].reshape(h, w) for n, (f, i) in enumerate(zip(pair_feat.tolist(), pair_item.tolist()))}
+    return {key: by_key[key] for key in keys}
 
 
 def upsample(amap: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -424,14 +444,25 @@ def render_example_set(examples: FeatureExamples, images: Any, maps: dict[tuple[
     return canvas
 
 
+def example_sets(sae: Any, store: ActivationStore | str, index: ExampleIndex, features: Sequence[int], *, n_top: int = 5,
+                 n_quantiles: int = 5, n_contrast: int = 5, grid: tuple[int, int] | None = None,
+                 chunk_elements: int = 1 << 22) -> list[tuple[FeatureExamples, dict[tuple[int, int], torch.Tensor]]]:
+    """:func:`example_set` for several features with one pass over the store (one call of
+    :func:`activation_maps` for all their activating examples), in the order of ``features``."""
+    found = [index.examples(int(j), n_top=n_top, n_quantiles=n_quantiles, n_contrast=n_contrast) for j in features]
+    wanted = [(ex.feature, e.item) for ex in found for e in ex.top + ex.quantiles]
+    maps = activation_maps(sae, store, wanted, grid=grid, chunk_elements=chunk_elements) if wanted else {}
+    return [(ex, {(ex.feature, e.item): maps[(ex.feature, e.item)] for e in ex.top + ex.quantiles}) for ex in found]
+
+
 def example_set(sae: Any, store: ActivationStore | str, index: ExampleIndex, feature: int, *, n_top: int = 5,
                 n_quantiles: int = 5, n_contrast: int = 5, grid: tuple[int, int] | None = None
                 ) -> tuple[FeatureExamples, dict[tuple[int, int], torch.Tensor]]:
-    """A feature's examples plus the activation maps of its activating ones (what a backend is shown)."""
-    ex = index.examples(feature, n_top=n_top, n_quantiles=n_quantiles, n_contrast=n_contrast)
-    wanted = [(feature, e.item) for e in ex.top + ex.quantiles]
-    maps = activation_maps(sae, store, wanted, grid=grid) if wanted else {}
-    return ex, maps
+    """A feature's examples plus the activation maps of its activating ones (what a backend is shown).
+
+    One pass over the store per call: for many features use :func:`example_sets`."""
+    return example_sets(sae, store, index, [feature], n_top=n_top, n_quantiles=n_quantiles, n_contrast=n_contrast,
+                        grid=grid)[0]
 
 
 def _as_chw(images: list[np.ndarray]) -> torch.Tensor:
@@ -481,5 +512,5 @@ def to_example_set(examples: FeatureExamples, images: Any, maps: dict[tuple[int,
 
 __all__ = [
     "Example", "ExampleIndex", "ExamplesError", "FeatureExamples", "MASK_THRESHOLD", "activation_mask", "activation_maps",
-    "example_set", "feature_iou", "index_examples", "mask_iou", "overlay", "render_example_set", "to_example_set", "upsample",
+    "example_set", "example_sets", "feature_iou", "index_examples", "mask_iou", "overlay", "render_example_set", "to_example_set", "upsample",
 ]

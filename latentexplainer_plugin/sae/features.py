@@ -25,12 +25,14 @@
 5. Examples (after :meth:`SAEFeatureAdapter.attach_examples` with a dataset): the images where
    the feature fires most, across its activation quantiles, with activation maps, and images where
    it never fires (:mod:`latentexplainer_plugin.sae.examples`), as an ``ExampleSet`` per feature;
-   the feature statistics of step 2 then come from the dataset instead of the sampled bases.
+   the feature statistics of step 2 then come from the dataset instead of the sampled bases. The
+   activation maps are read for ``block`` features per pass over the collection.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Sequence
@@ -187,7 +189,7 @@ class SAEFeatureAdapter(Adapter):
     @torch.no_grad()
     def attach_examples(self, images: Any, *, store: Any = None, masks: Any = None, encode: Any = None,
                         n_top: int = 10, n_quantiles: int = 10, n_contrast: int = 20, reservoir: int = 64,
-                        seed: int = 0, batch: int = 256) -> "SAEFeatureAdapter":
+                        seed: int = 0, batch: int = 256, block: int = 64) -> "SAEFeatureAdapter":
         """Give every feature example evidence from a dataset; feature statistics then come from it.
 
         ``images``: (N, H, W, 3) uint8 (the npz layout), item i of the activation collection is image i.
@@ -198,6 +200,8 @@ class SAEFeatureAdapter(Adapter):
         object masks (IoU of the activation masks in ``ExampleSet.meta["iou"]``). Per feature the
         set holds ``n_top`` top and ``n_quantiles`` quantile examples and ``n_contrast`` images
         where it never fires (:func:`~latentexplainer_plugin.sae.examples.index_examples`).
+        ``block``: features whose activation maps are read in one pass over the store (see
+        :meth:`example_set`): explaining F features reads the store about F / ``block`` times.
         """
         import tempfile
 
@@ -213,7 +217,8 @@ class SAEFeatureAdapter(Adapter):
             masks = np.asarray(masks)
             if masks.shape != images.shape[:3]:
                 raise ExamplesError(f"masks must be (N, H, W) = {images.shape[:3]} like the images, got {masks.shape}")
-        for name, value in (("n_top", n_top), ("n_quantiles", n_quantiles), ("n_contrast", n_contrast), ("batch", batch)):
+        for name, value in (("n_top", n_top), ("n_quantiles", n_quantiles), ("n_contrast", n_contrast), ("batch", batch),
+                            ("block", block)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ExamplesError(f"{name} must be an int >= 1, got {value!r}")
         tmp = None
@@ -239,7 +244,8 @@ class SAEFeatureAdapter(Adapter):
         sae = self.sae if self.sae.W_enc.device.type == "cpu" else copy.deepcopy(self.sae).cpu()
         index = index_examples(sae, store, top_k=n_top, reservoir=max(reservoir, n_quantiles), contrast=n_contrast, seed=seed)
         self._examples = {"store": store, "index": index, "images": images, "masks": masks, "sae": sae, "tmp": tmp,
-                          "n_top": n_top, "n_quantiles": n_quantiles, "n_contrast": n_contrast}
+                          "n_top": n_top, "n_quantiles": n_quantiles, "n_contrast": n_contrast, "block": block,
+                          "ready": {}, "served": set()}
         stats = index.statistics(self.features)
         stats["dense"] = stats["position_frequency"] > self.dense_frequency
         self._stats = stats
@@ -252,16 +258,37 @@ class SAEFeatureAdapter(Adapter):
 
     def example_set(self, index: int) -> Any:
         """The :class:`~latentexplainer_plugin.types.ExampleSet` of latent ``index`` (None without
-        :meth:`attach_examples`)."""
-        from .examples import example_set, to_example_set
+        :meth:`attach_examples`).
+
+        The activation maps of latent ``index`` and of the next ``block - 1`` latents not yet
+        served are read in one pass over the store and held until each is asked for (latents are
+        explained in increasing order, so a run reads the store about n_latents / ``block`` times).
+        """
+        from .examples import to_example_set
 
         if self._examples is None:
             return None
         i = self.check_index(index)
         e = self._examples
-        ex, maps = example_set(e["sae"], e["store"], e["index"], self.features[i], n_top=e["n_top"],
-                               n_quantiles=e["n_quantiles"], n_contrast=e["n_contrast"])
+        if i not in e["ready"]:
+            after = (j for j in range(i + 1, self.n_latents) if j not in e["served"])
+            self.prefetch_examples([i, *itertools.islice(after, e["block"] - 1)])
+        ex, maps = e["ready"].pop(i)
+        e["served"].add(i)
         return to_example_set(ex, e["images"], maps, latent_id=self.latent_id(i), masks=e["masks"])
+
+    def prefetch_examples(self, indices: Sequence[int]) -> None:
+        """Read the example sets and activation maps of latents ``indices`` in one pass over the
+        store; :meth:`example_set` then serves them without reading it. Replaces earlier prefetches."""
+        from .examples import ExamplesError, example_sets
+
+        if self._examples is None:
+            raise ExamplesError("no example evidence to prefetch: call attach_examples(images, ...) first")
+        e = self._examples
+        indices = list(dict.fromkeys(self.check_index(i) for i in indices))
+        found = example_sets(e["sae"], e["store"], e["index"], [self.features[i] for i in indices], n_top=e["n_top"],
+                             n_quantiles=e["n_quantiles"], n_contrast=e["n_contrast"])
+        e["ready"] = dict(zip(indices, found))
 
     def feature_stats(self) -> list[dict[str, Any]]:
         """Per latent: feature number, frequency, position_frequency, median_active, max, dead, dense."""

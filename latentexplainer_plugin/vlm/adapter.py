@@ -142,7 +142,7 @@ class VLMFeatureAdapter(Adapter):
         from ..sae.examples import example_set, to_example_set
 
         if self._examples is None:
-            raise VLMError("no examples yet: call attach_examples(images) (the command line: --data X.npz)")
+            raise VLMError("no examples yet: call attach_examples(images) first (the images the features are read on)")
         e = self._examples
         feature = self.features[self.check_index(index)]
         found, maps = example_set(self.sae, e["store"], e["index"], feature, n_top=self.n_top,
