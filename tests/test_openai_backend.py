@@ -521,7 +521,10 @@ def test_non_finite_or_non_positive_timeouts_are_refused(bad):
         OpenAICompatBackend(model="m", base_url="http://127.0.0.1:9/v1", timeout=float(bad))
 
 
-def test_sigterm_ends_explain_many_at_once_with_requests_in_flight(loopback):
+@pytest.mark.parametrize("to", ["process", "another thread"])
+def test_sigterm_ends_explain_many_at_once_with_requests_in_flight(loopback, to):
+    """``to``: the signal goes to the process (the kernel picks a thread) or, as it may, to a thread that is not
+    the waiting main thread: the run must end at once either way."""
     import os
     import signal
     import threading
@@ -540,7 +543,15 @@ def test_sigterm_ends_explain_many_at_once_with_requests_in_flight(loopback):
 
     loopback.respond = respond
     previous = signal.signal(signal.SIGTERM, terminate)
-    killer = threading.Thread(target=lambda: arrived.wait(20) and os.kill(os.getpid(), signal.SIGTERM))
+    def send() -> None:
+        if not arrived.wait(20):
+            return
+        if to == "process":
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:  # delivered to this (killer) thread, not to the main thread that waits for the requests
+            signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+    killer = threading.Thread(target=send)
     try:
         with backend_for(loopback, timeout=60, concurrency=4) as backend:
             killer.start()

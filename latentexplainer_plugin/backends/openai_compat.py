@@ -54,7 +54,8 @@ import re
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Annotated, Any, Callable, Optional
 from urllib.parse import urlsplit
 
@@ -83,6 +84,9 @@ _PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16"}
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _MIN_SECRET = 4  # shorter "secrets" (a 1-letter password) would blank out ordinary text
 _REPEATS_FATAL = 2  # the same client error this many times in a row stops the run
+# The waiting (main) thread wakes this often: a SIGTERM sent to the process may be delivered to a request thread,
+# and CPython runs the handler in the main thread only when it wakes, not while it blocks on a lock without timeout.
+_WAKE_S = 0.2
 # A 400 about the n parameter: OpenAI's param "n", or the word n in the message ("n > 1 is not
 # supported", "'n' must be 1"); never "can't" or "max_tokens=600".
 _ABOUT_N = re.compile(r"(?<![\w.'\-])[`'\"]?n[`'\"]?(?![\w'\-])")
@@ -231,6 +235,16 @@ class _Watch:
             sock = self._sock
         if sock is not None:
             _shutdown(sock)
+
+
+def _result_waking(future: Future) -> Any:
+    """``future.result()``, waking every ``_WAKE_S`` so that a signal handler (Ctrl-C, SIGTERM) runs at once."""
+    while True:
+        try:
+            return future.result(timeout=_WAKE_S)
+        except FutureTimeout:
+            if future.done():  # the function itself raised a TimeoutError
+                raise
 
 
 def _shutdown(sock: socket.socket) -> None:
@@ -519,7 +533,7 @@ class OpenAICompatBackend(Backend):
         pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(items)), thread_name_prefix=label)
         futures = [pool.submit(fn, item) for item in items]
         try:
-            out = [f.result() for f in futures]
+            out = [_result_waking(f) for f in futures]
         except Exception as exc:
             if isinstance(exc, FatalBackendError):
                 call.fail(exc)
