@@ -32,6 +32,7 @@ KNOWN_CAPABILITIES: dict[str, str] = {
     "latent_axes": "adapter: explains the axes of a latent vector",
     "sampling_loop": "adapter: edits every step of a sampling loop (--steps, --t-edit)",
     "inversion": "adapter: maps images back to the noises it samples from (--direction conditional)",
+    "site_edits": "adapter: renders any edit rule at any site (render_edited, site_activations): SAE features can steer it (--sae)",
     "needs_data": "direction finder: needs labelled images (--data)",
     "per_step": "edit rule: applied on each step of a sampling loop",
     "sae_features": "adapter: its latents are the features of a sparse autoencoder at a site (--sae)",

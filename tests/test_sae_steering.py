@@ -296,7 +296,7 @@ def test_bad_adapter_arguments(demo):
     adapter = SAEFeatureAdapter(inner, sae, stats_bases=8)
     with pytest.raises(ValueError, match="use the combination bias"):
         adapter.traverse([0], inner.sample_bases(2), STRENGTHS, rows=2)
-    with pytest.raises(TypeError, match="wraps an adapter that decodes a latent through a site"):
+    with pytest.raises(TypeError, match="wraps an adapter that renders edits at a site"):
         SAEFeatureAdapter(object(), sae)
     foreign = SparseAutoencoder.identity(10, site="blocks.8.hook_resid_pre")  # another library's hook name
     assert str(SAEFeatureAdapter(inner, foreign, stats_bases=8).site) == "decoder.input"

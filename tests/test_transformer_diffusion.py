@@ -693,3 +693,66 @@ def test_pca_and_pullback_at_update_sites_of_joint_blocks(sd3_dir, flux_dir):
             for h in handles:
                 h.remove()
         assert (got - updates[-1]).abs().max() <= 1e-6 and got.abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("family, site, index", [
+    ("dit", "transformer_blocks.2.output", None),
+    ("pixart", "transformer_blocks.1.output", None),
+    ("sdxl", "mid_block.output", None),  # a (B, C, H, W) map: features along C
+    ("sd3", "transformer_blocks.1.update", 1),  # a joint block's image stream
+    ("flux", "single_transformer_blocks.1.update", 1),
+])
+def test_sae_feature_steering_in_every_family_equals_a_torch_hook(request, family, site, index):
+    """SAE features as latents: feature k := a on every step of the edit window, both guidance halves,
+    against a forward hook applying h + (a - f_k(h)) d_k by hand (at an update site: to out - in)."""
+    from latentexplainer_plugin.sae import SAEFeatureAdapter
+    from latentexplainer_plugin.types import Site
+    try:
+        from tests.test_sae_sampling import steer_by_hand, topk_sae
+    except ImportError:  # tests/ on sys.path instead of the repository root
+        from test_sae_sampling import steer_by_hand, topk_sae  # type: ignore
+
+    options = {"dit": {}, "pixart": {"prompt": "a photo of a cat", "max_sequence_length": 8}, "sdxl": {"prompt": "a cat"},
+               "sd3": {"prompt": "a cat", "max_sequence_length": 8},
+               "flux": {"prompt": "a cat", "max_sequence_length": 8, "resolution": 16}}[family]
+    cls = {"dit": DiTAdapter, "pixart": PixArtAdapter, "sdxl": SDXLAdapter, "sd3": SD3Adapter, "flux": FluxAdapter}[family]
+    a = cls.from_pretrained(request.getfixturevalue(f"{family}_dir"), steps=STEPS, t_edit=500, **options)
+    shape = a.h_shape(site=Site.parse(site))
+    sae = topk_sae(shape[0] if len(shape) == 3 else shape[-1], d_sae=24, k=3, seed=1)
+    adapter = SAEFeatureAdapter(a, sae, site=site, features=[2], strengths="absolute", stats_bases=2)
+    window = set(range(STEPS)[a.edit_calls])
+    bases = a.sample_bases(2, seed=SEED)
+    strengths = torch.tensor([0.0, 4.0])
+    (t,) = adapter.traverse([0], bases, strengths)
+
+    def steer(h, value):
+        return steer_by_hand(h.movedim(1, -1), sae, 2, value).movedim(-1, 1) if h.ndim == 4 else steer_by_hand(h, sae, 2, value)
+
+    block = a.unet.get_submodule(site.rsplit(".", 1)[0])
+    for j, value in enumerate(strengths.tolist()):
+        calls, seen = [], []
+
+        def pre(module, args, kwargs):
+            seen.append(args[0] if args else kwargs["hidden_states"])
+
+        def post(module, args, kwargs, out, value=value):
+            calls.append(1)
+            inputs = seen.pop()
+            if len(calls) - 1 not in window:
+                return out
+            if index is None:
+                return steer(out, value)
+            parts = list(out)
+            parts[index] = inputs + steer(parts[index] - inputs, value)
+            return tuple(parts)
+
+        handles = [block.register_forward_pre_hook(pre, with_kwargs=True),
+                   block.register_forward_hook(post, with_kwargs=True)]
+        try:
+            want = a.sample(bases)
+        finally:
+            for h in handles:
+                h.remove()
+        assert len(calls) == STEPS
+        assert (t.images[:, 0, j] - want).abs().max().item() <= TOL, family
+    assert (t.images[:, 0, 1] - t.images[:, 0, 0]).abs().max().item() > 1e-3  # the steering shows

@@ -72,6 +72,15 @@ class Adapter(ABC):
     #   images_at(inputs, *extra) -> images (B, C, H, W) in [0, 1], differentiable in ``inputs``
     # ``alpha`` is the point along each direction for adapters that explain directions.
 
+    # Optional, for steering SAE features (sae.SAEFeatureAdapter); adapters that declare the
+    # ``site_edits`` capability implement both (references: VAEAdapter, DDPMAdapter):
+    #   render_edited(bases, edit, site=None) -> images (B, C, H, W) in [0, 1], ``edit`` (any
+    #       registered rule, one strength per base) applied at ``site`` wherever the adapter edits
+    #       (a decoder: its one call; a sampling loop: every step of the edit window)
+    #   site_activations(bases, site=None) -> (B, calls, *item shape): the activation at ``site``
+    #       on those same calls
+    # They also carry ``driver`` (the module whose forward renders bases), ``site`` and ``max_batch``.
+
     def latent_statistics(self, data: dict[str, Any]) -> Any:
         """Per-latent statistics from a dataset (npz layout: images, optional factors), e.g. KL and the
         factor each latent captures; None when this adapter cannot compute any (no encoder)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Optional, Sequence, Union
 
@@ -28,7 +29,7 @@ from torch import nn
 
 from pydantic import Field
 
-from ..hooks import capture, check_finite, probe_shape, resolve_module, run_with_edit
+from ..hooks import capture, check_finite, edit_items, probe_shape, repeat_edit, resolve_module, run_with_edit
 from ..options import ComponentOptions, DtypeName, NonNegativeInt, PositiveInt, SiteName, validate_options
 from ..plugins import hook
 from ..safe_load import LoadError
@@ -250,7 +251,7 @@ class DDPMAdapter(Adapter):
     default_bias = "combination"  # one row per base: there is no other latent to clamp in h-space
     max_rows = 1
     Options = DDPMOptions
-    capabilities = frozenset({"directions", "sampling_loop", "inversion"})
+    capabilities = frozenset({"directions", "sampling_loop", "inversion", "site_edits"})
     default_direction_finder = "pca"
     copies = 1  # how many times each image is in the UNet's batch (classifier-free guidance: 2)
 
@@ -316,7 +317,7 @@ class DDPMAdapter(Adapter):
                 f"no step would be edited; use t_edit <= {self.timesteps[0]}"
             )
         self.edit_calls = slice(0, window)
-        self._h_shapes: dict[tuple[int, ...], tuple[int, ...]] = {}
+        self._h_shapes: dict[tuple[Site, tuple[int, ...]], tuple[int, ...]] = {}
         self.directions: torch.Tensor | None = None
         self.provenance: dict[str, Any] = {}
         self._scales: torch.Tensor | None = None
@@ -350,13 +351,15 @@ class DDPMAdapter(Adapter):
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         return int(channels), int(h), int(w)
 
-    def h_shape(self, image_shape: tuple[int, ...] | None = None) -> tuple[int, ...]:
-        """Per-item shape of the activation at the site for images of ``image_shape`` (probed once)."""
+    def h_shape(self, image_shape: tuple[int, ...] | None = None, site: Site | None = None) -> tuple[int, ...]:
+        """Per-item shape of the activation at ``site`` (default: the latent site) for images of
+        ``image_shape`` (probed once per site and shape)."""
         image_shape = tuple(image_shape or self.image_shape)
-        if image_shape not in self._h_shapes:
+        key = (site or self.site, image_shape)
+        if key not in self._h_shapes:
             x = torch.zeros(1, *image_shape, device=self.device, dtype=self.dtype)
-            self._h_shapes[image_shape] = tuple(probe_shape(self.driver, self.site, x)[1:])
-        return self._h_shapes[image_shape]
+            self._h_shapes[key] = tuple(probe_shape(self.driver, key[0], x)[1:])
+        return self._h_shapes[key]
 
     def set_directions(self, directions: Any) -> None:
         """Directions to explain: a Directions object or a tensor (K, *h_shape); each is normalized."""
@@ -428,27 +431,34 @@ class DDPMAdapter(Adapter):
         """Sample from ``bases`` (B, C, H, W) with h <- h + strengths[b] * direction inside the edit window.
 
         ``direction`` is (*h_shape) for all items or (B, *h_shape) per item, already scaled.
-        One nnsight trace per chunk of ``max_batch`` items covers every step.
         """
+        direction = direction.to(self.device, self.dtype)
+        return self.render_edited(bases, Edit("add", torch.as_tensor(strengths, dtype=torch.float32), direction=direction))
+
+    @torch.no_grad()
+    def render_edited(self, bases: torch.Tensor, edit: Edit, site: Site | None = None) -> torch.Tensor:
+        """Sample from noises ``bases`` (B, C, H, W) with ``edit`` (any registered rule, one strength
+        per item) applied at ``site`` (default: the latent site) on every step of the edit window;
+        images (B, C, H, W) in [0, 1].
+
+        One nnsight trace per chunk of ``max_batch`` items covers every step. Under guidance the
+        denoiser sees each item ``copies`` times and every copy gets the item's edit.
+        """
+        site = site or self.site
         bases = self._check_bases(bases)
-        strengths = torch.as_tensor(strengths, dtype=torch.float32)
-        per_item = direction.ndim == len(self.h_shape(tuple(bases.shape[1:]))) + 1
+        item_shape = self.h_shape(tuple(bases.shape[1:]), site)
         out = []
         for start in range(0, len(bases), self.max_batch):
-            stop = start + self.max_batch
-            x = bases[start:stop].to(self.device, self.dtype)
-            d = direction[start:stop] if per_item else direction
-            a = strengths[start:stop]
-            if self.copies > 1:  # guidance: the UNet sees [x; x]; both halves get the same edit
-                a = a.repeat(self.copies)
-                d = d.repeat(self.copies, *([1] * (d.ndim - 1))) if per_item else d
-            edit = Edit("add", a, direction=d.to(self.device, self.dtype), calls=self.edit_calls)
-            expected = (self.copies * len(x), *self.h_shape(tuple(x.shape[1:])))
-            out.append(run_with_edit(self.driver, self.site, edit, x, calls=self.n_calls, expected_shape=expected))
+            x = bases[start:start + self.max_batch].to(self.device, self.dtype)
+            part = edit_items(edit, slice(start, start + self.max_batch), len(item_shape))
+            part = replace(repeat_edit(part, self.copies, len(item_shape)), calls=self.edit_calls)
+            expected = (self.copies * len(x), *item_shape)
+            out.append(run_with_edit(self.driver, site, part, x, calls=self.n_calls, expected_shape=expected))
         return self._to_images(torch.cat(out))
 
-    def capture_h(self, bases: torch.Tensor, window_only: bool = True) -> torch.Tensor:
-        """h at the site for every step (in the edit window), (n, steps, *h_shape), via ``hooks.capture``.
+    def capture_h(self, bases: torch.Tensor, window_only: bool = True, site: Site | None = None) -> torch.Tensor:
+        """h at ``site`` (default: the latent site) for every step (in the edit window),
+        (n, steps, *h_shape), via ``hooks.capture``.
 
         With guidance (``copies`` > 1) the conditional (last) copy of each image is kept.
         """
@@ -456,12 +466,17 @@ class DDPMAdapter(Adapter):
         chunks = []
         for chunk in bases.split(self.max_batch):
             with torch.no_grad():
-                per_call = capture(self.driver, self.site, chunk.to(self.device, self.dtype), calls=self.n_calls)
+                per_call = capture(self.driver, site or self.site, chunk.to(self.device, self.dtype), calls=self.n_calls)
             if window_only:
                 per_call = per_call[self.edit_calls]
             per_call = [h[-len(chunk):] for h in per_call]  # the last copy: the conditional half under guidance
             chunks.append(torch.stack([h.float().cpu() for h in per_call], dim=1))
         return torch.cat(chunks)
+
+    def site_activations(self, bases: torch.Tensor, site: Site | None = None) -> torch.Tensor:
+        """The activation at ``site`` on the steps of the edit window, where edits apply:
+        (n, window steps, *item shape) (:meth:`capture_h`)."""
+        return self.capture_h(bases, window_only=True, site=site)
 
     def scales(self, vectors: torch.Tensor | None = None) -> torch.Tensor:
         """Edit scale s_k of each direction (the adapter's, cached, or of unit ``vectors``).

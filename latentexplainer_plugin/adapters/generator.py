@@ -81,7 +81,7 @@ class GeneratorAdapter(VAEAdapter):
     """
 
     name = "generator"
-    capabilities = frozenset({"latent_axes", "directions"})
+    capabilities = frozenset({"latent_axes", "directions", "site_edits"})
 
     class Options(ComponentOptions):
         """Options of the ``generator`` adapter."""
@@ -128,7 +128,7 @@ class GeneratorAdapter(VAEAdapter):
         validate_options(GeneratorAdapter.Options, {"max_batch": max_batch}, "the generator adapter")  # its own declaration (subclasses may declare other options)
         self.max_batch = max_batch
         self.device = torch.device(device)
-        self._features = None
+        self._features = {}
         self.directions: torch.Tensor | None = None  # (K, D) unit vectors once set_directions is called
         self.provenance: dict[str, Any] = {}
         self.output_range = (0.0, 1.0)

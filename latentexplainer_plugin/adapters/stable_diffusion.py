@@ -84,7 +84,7 @@ class StableDiffusionAdapter(DDPMAdapter):
     """
 
     name = "sd"
-    capabilities = frozenset({"directions", "sampling_loop", "inversion"})
+    capabilities = frozenset({"directions", "sampling_loop", "inversion", "site_edits"})
 
     class Options(DDPMOptions):
         """Options of the ``sd`` adapter."""

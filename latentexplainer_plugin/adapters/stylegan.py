@@ -87,7 +87,7 @@ class StyleGANAdapter(VAEAdapter):
     name = "stylegan"
     default_bias = "combination"  # a direction has no other latent to clamp in a second row
     max_rows = 1
-    capabilities = frozenset({"latent_axes", "directions"})
+    capabilities = frozenset({"latent_axes", "directions", "site_edits"})
 
     class Options(ComponentOptions):
         """Options of the ``stylegan`` adapter."""
@@ -137,7 +137,7 @@ class StyleGANAdapter(VAEAdapter):
         self.latent_dim = self.w_dim * (self.num_ws if space == "w+" else 1)  # what the driver reads
         self.direction_dim = self.w_dim  # directions live in W, also in W+ (they are placed on ``layers``)
         self.max_batch = max_batch
-        self._features = None
+        self._features = {}
         self.directions: torch.Tensor | None = None
         self.provenance: dict[str, Any] = {}
         self._w_samples = self._mapped(torch.randn(stats_samples, self.z_dim, generator=torch.Generator().manual_seed(1)))

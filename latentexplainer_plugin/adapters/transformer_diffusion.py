@@ -226,7 +226,7 @@ class TransformerDiffusionAdapter(DDPMAdapter):
     timestep_divisor: ClassVar[float] = 1.0
     scale_initial_noise: ClassVar[bool] = True
     upcast_vae: ClassVar[bool] = False  # the pipeline decodes a float16 force_upcast VAE in float32 (SDXL)
-    capabilities: ClassVar[frozenset[str]] = frozenset({"directions", "sampling_loop", "inversion"})
+    capabilities: ClassVar[frozenset[str]] = frozenset({"directions", "sampling_loop", "inversion", "site_edits"})
 
     def __init__(self, pipeline: Any, *, guidance_scale: float = 4.0, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, model_id: str | None = None, **options: Any):

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -18,7 +17,8 @@ from torch import nn
 
 from pydantic import Field
 
-from ..hooks import SiteError, check_finite, probe_shape, resolve_module, run_with_edit
+from ..hooks import SiteError, check_finite, edit_items, probe_shape, resolve_module, run_with_edit
+from ..hooks.sites import site_activation
 from ..options import ComponentOptions, PositiveInt, SiteName, validate_options
 from ..plugins import hook
 from ..types import Edit, Site, Traversal
@@ -99,7 +99,7 @@ class VAEAdapter(Adapter):
 
     name = "vae"
     Options = VAEOptions
-    capabilities = frozenset({"latent_axes"})
+    capabilities = frozenset({"latent_axes", "site_edits"})
 
     def __init__(self, model: nn.Module | str | Path, site: Site | str | None = None, latent_dim: int | None = None,
                  output_range: tuple[float, float] = (0.0, 1.0), max_batch: int = 512, device: str = "cpu",
@@ -132,7 +132,7 @@ class VAEAdapter(Adapter):
         validate_options(VAEOptions, {"max_batch": max_batch}, "the vae adapter")  # the declared check
         self.max_batch = max_batch
         self.device = torch.device(device)
-        self._features: tuple[int, ...] | None = None
+        self._features: dict[Site, tuple[int, ...]] = {}  # per-item activation shape per site
 
     @property
     def n_latents(self) -> int:
@@ -155,30 +155,37 @@ class VAEAdapter(Adapter):
         check_finite(bases, "base latents")
         return bases
 
-    def _site_features(self, z: torch.Tensor) -> tuple[int, ...]:
-        # The activation's per-item shape at the site, probed once (runs the decoder up to the site).
-        if self._features is None:
-            self._features = tuple(probe_shape(self.driver, self.site, z[:1])[1:])
-        return self._features
+    def _site_features(self, z: torch.Tensor, site: Site | None = None) -> tuple[int, ...]:
+        # The activation's per-item shape at a site, probed once per site (runs the decoder up to it).
+        site = site or self.site
+        if site not in self._features:
+            self._features[site] = tuple(probe_shape(self.driver, site, z[:1])[1:])
+        return self._features[site]
 
     @torch.no_grad()
-    def decode_edited(self, z: torch.Tensor, edit: Edit) -> torch.Tensor:
-        """Decode latents ``z`` (B, D) with ``edit`` applied at the site; images in [0, 1]."""
+    def render_edited(self, bases: torch.Tensor, edit: Edit, site: Site | None = None) -> torch.Tensor:
+        """Decode latents ``bases`` (B, D) with ``edit`` (one strength per item) applied at ``site``
+        (default: the latent site); images (B, C, H, W) in [0, 1], in chunks of ``max_batch``."""
+        site = site or self.site
+        z = self._check_bases(bases)
         chunks = []
         for start in range(0, len(z), self.max_batch):
-            stop = start + self.max_batch
-            # dataclasses.replace keeps the fields of Edit subclasses (an SAEEdit's sae)
-            part = replace(edit, strengths=edit.strengths[start:stop],
-                           direction=edit.direction[start:stop] if edit.direction is not None and edit.direction.ndim == 2 else edit.direction,
-                           index=edit.index[start:stop] if torch.is_tensor(edit.index) and edit.index.ndim == 1 else edit.index)
-            zb = z[start:stop].to(self.device)
-            expected = (len(zb), *self._site_features(zb))
-            chunks.append(run_with_edit(self.driver, self.site, part, zb, expected_shape=expected).float().cpu())
+            zb = z[start:start + self.max_batch].to(self.device)
+            item_shape = self._site_features(zb, site)
+            part = edit_items(edit, slice(start, start + self.max_batch), len(item_shape))
+            chunks.append(run_with_edit(self.driver, site, part, zb, expected_shape=(len(zb), *item_shape)).float().cpu())
         images = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
         lo, hi = self.output_range
         if (lo, hi) != (0.0, 1.0):
             images = (images - lo) / (hi - lo)
         return images.clamp_(0.0, 1.0)
+
+    @torch.no_grad()
+    def site_activations(self, bases: torch.Tensor, site: Site | None = None) -> torch.Tensor:
+        """The activation at ``site`` for latents ``bases``: (B, 1, *item shape), one call per image
+        (the layout of the sampling-loop adapters, whose site runs once per step)."""
+        z = self._check_bases(bases).to(self.device)
+        return site_activation(self.driver, site or self.site, z)[:, None]
 
     def traverse(self, indices: Sequence[int], bases: torch.Tensor, strengths: Sequence[float] | torch.Tensor,
                  rows: int = 1, *, clamp: Mapping[int, int] | Callable[[int], int] | None = None,
@@ -228,7 +235,7 @@ class VAEAdapter(Adapter):
             edit = Edit("set", step_strengths, index=index)
         else:
             edit = Edit("add", step_strengths, direction=directions.repeat_interleave(n * rows * s, dim=0))
-        images = self.decode_edited(flat, edit)
+        images = self.render_edited(flat, edit)
         images = images.view(len(indices), n, rows, s, *images.shape[1:])
 
         out = []

@@ -111,6 +111,13 @@ def _check_out(out: Path) -> None:
         raise UsageError(f"--out {out}: {probe} is a file, so no directory can be made under it")
 
 
+def _declaring(kind: str, capability: str) -> list[str]:
+    """Names of the registered components of ``kind`` (``adapters``, ``backends``) that declare ``capability``."""
+    from ..plugins import registry
+
+    return [n for n in registry(kind).names() if capability in capabilities_of(registry(kind).get(n).factory)]
+
+
 def plan_explain(args: argparse.Namespace, adapter_name: str) -> Plan:
     """Select the components, route the options to them and run every check that needs no model."""
     from ..components import parse_backend_spec
@@ -130,16 +137,18 @@ def plan_explain(args: argparse.Namespace, adapter_name: str) -> Plan:
 
         if getattr(args, "direction", None):
             raise UsageError("--direction and --sae: the latents are either directions or SAE features; choose one")
+        if "site_edits" not in adapter.capabilities:
+            raise UsageError(f"--sae: the {adapter.name} adapter cannot steer a feature at a site (no render_edited); "
+                             f"adapters that can: {', '.join(_declaring('adapters', 'site_edits'))}")
         sae = Selected("feature source", "sae", SAEFeatureAdapter)
     elif getattr(args, "features", None):
         raise UsageError("--features picks SAE features: give the SAE with --sae PATH")
     direction = getattr(args, "direction", None)
     if direction is not None and "directions" not in adapter.capabilities:
-        takers = [n for n in registry("adapters").names()
-                  if "directions" in Selected("adapter", n, registry("adapters").get(n).factory).capabilities]
         raise UsageError(f"--direction: the {adapter.name} adapter explains its latent axes, not directions; adapters that "
-                         f"explain directions: {', '.join(takers)}")
-    direction = direction or getattr(adapter.factory, "default_direction_finder", None)
+                         f"explain directions: {', '.join(_declaring('adapters', 'directions'))}")
+    if sae is None:  # with --sae the latents are the SAE's features: no directions to find
+        direction = direction or getattr(adapter.factory, "default_direction_finder", None)
     finder, implied = None, {}
     if direction is not None:
         try:
@@ -160,8 +169,7 @@ def plan_explain(args: argparse.Namespace, adapter_name: str) -> Plan:
 
     # what the components declare decides what else must hold
     if getattr(args, "prompt_from_llm", False) and "calls_model" not in backend.capabilities:
-        takers = [n for n in registry("backends").names()
-                  if "calls_model" in Selected("backend", n, registry("backends").get(n).factory).capabilities]
+        takers = _declaring("backends", "calls_model")
         raise UsageError(f"--prompt-from-llm needs a language-model backend ({', '.join(f'{n}:...' for n in takers)}); "
                          f"the {backend.name} backend calls no model")
     bias_object = bias.factory()

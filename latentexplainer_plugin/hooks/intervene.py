@@ -9,6 +9,7 @@ edit replaces the output by input + edit(u) (for ``add`` the same as adding to t
 from __future__ import annotations
 
 import weakref
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -101,6 +102,36 @@ def _write(envoy: Any, site: Site, edit: Edit, index: int) -> None:
         inputs, output = envoy.input, envoy.output
         update = block_update(site, inputs, output, index)
         envoy.output = with_output_part(output, index, output_part(output, index) + (apply_edit(update, edit) - update))
+
+
+def _per_item(value: Any, item_ndim: int) -> bool:
+    return torch.is_tensor(value) and value.ndim == item_ndim + 1
+
+
+def edit_items(edit: Edit, items: slice, item_ndim: int) -> Edit:
+    """The part of a batched ``edit`` that belongs to batch ``items`` (a chunk of the batch).
+
+    ``strengths`` always has one value per item; ``direction`` is per item when it has one more dim
+    than an item's activation (``item_ndim``), ``index`` when it is a 1-D tensor. Fields of Edit
+    subclasses (an SAEEdit's SAE) are kept.
+    """
+    return replace(edit, strengths=edit.strengths[items],
+                   direction=edit.direction[items] if _per_item(edit.direction, item_ndim) else edit.direction,
+                   index=edit.index[items] if _per_item(edit.index, 0) else edit.index)
+
+
+def repeat_edit(edit: Edit, copies: int, item_ndim: int) -> Edit:
+    """``edit`` for a batch that holds every item ``copies`` times, copy after copy ([x; x] under
+    classifier-free guidance): each copy of an item gets that item's edit."""
+    if copies == 1:
+        return edit
+
+    def tile(value: Any) -> Any:
+        return value.repeat(copies, *([1] * (value.ndim - 1)))
+
+    return replace(edit, strengths=tile(edit.strengths),
+                   direction=tile(edit.direction) if _per_item(edit.direction, item_ndim) else edit.direction,
+                   index=tile(edit.index) if _per_item(edit.index, 0) else edit.index)
 
 
 def _check_calls(calls: int) -> None:

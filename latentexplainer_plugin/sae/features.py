@@ -1,14 +1,16 @@
-"""SAE features as latents: latent i is SAE feature k = ``features[i]`` at a site of a decoder.
+"""SAE features as latents: latent i is SAE feature k = ``features[i]`` at a site of a generative model.
 
-:class:`SAEFeatureAdapter` wraps an adapter that decodes a latent through a site (``VAEAdapter``,
-``GeneratorAdapter``) and explains the SAE's features there instead of the latent axes:
+:class:`SAEFeatureAdapter` wraps an adapter that renders edits at a site (capability ``site_edits``:
+``VAEAdapter``, ``GeneratorAdapter``, ``StyleGANAdapter`` and every sampling-loop adapter, ``ddpm``
+to ``flux``) and explains the SAE's features there instead of the adapter's own latents:
 
 1. Site: ``site=``, else the site recorded in the SAE file when it is a module path of the model,
    else the inner adapter's site. The SAE's ``d_in`` is checked against a probed shape (the model
    runs only up to the site) before any edited forward pass.
 2. Feature statistics, from ``stats_bases`` latents drawn by the inner adapter's ``sample_bases``
    (seed ``stats_seed``, apart from the explanation bases, seed 0 by default): per base, the
-   feature's peak activation over positions (a (B, D) site has one position). From these:
+   feature's peak activation over positions (a (B, D) site has one position) and, in a sampling
+   loop, over the steps of the edit window (the steps the edit sets it on). From these:
    ``frequency`` (share of bases where it fires anywhere), ``position_frequency`` (share of all
    positions), ``median_active`` (median peak over the bases where it fires) and ``max``.
    A feature that never fires is **dead**; one firing at more than ``dense_frequency`` of the
@@ -20,8 +22,10 @@
    two modes: its strip shows no change, so it is never a clear explanation, and
    ``Traversal.meta["dead"]`` says why.
 4. Traversal: feature k is set to each strength with the steering edit of
-   :mod:`latentexplainer_plugin.sae.steering` (reconstruction error kept); every
-   (feature, base, strength) goes through the decoder in batched calls of ``max_batch``.
+   :mod:`latentexplainer_plugin.sae.steering` (reconstruction error kept), through the inner
+   adapter's ``render_edited``: once in a decoder, on every step of the edit window in a sampling
+   loop (both guidance halves alike); every (feature, base, strength) goes through in batched
+   calls of at most ``max_batch`` items.
 5. Examples (after :meth:`SAEFeatureAdapter.attach_examples` with a dataset): the images where
    the feature fires most, across its activation quantiles, with activation maps, and images where
    it never fires (:mod:`latentexplainer_plugin.sae.examples`), as an ``ExampleSet`` per feature;
@@ -33,7 +37,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Sequence
 
@@ -41,8 +44,7 @@ import torch
 from pydantic import Field
 
 from ..adapters.base import Adapter, check_strengths
-from ..hooks import SiteError, probe_shape, resolve_module, run_with_edit
-from ..hooks.sites import site_activation
+from ..hooks import SiteError, edit_items, probe_shape, resolve_module
 from ..options import ComponentOptions, validate_options
 from ..types import Site, Traversal
 from .formats import load_sae
@@ -58,12 +60,13 @@ class SAEFeatureAdapter(Adapter):
     """Explain the features of a sparse autoencoder at a site of a VAE or generator.
 
     Args:
-        inner: a ``VAEAdapter`` or ``GeneratorAdapter`` (it supplies the decoder, bases and output range).
+        inner: an adapter with the ``site_edits`` capability (it supplies the bases and renders the edits).
         sae: a :class:`SparseAutoencoder` or the path of a saved one (see :func:`load_sae`).
         site: where the SAE reads the activations (module docstring, step 1).
         features: SAE feature numbers to explain (default: all); latent i is ``features[i]``, id ``f{k}``.
         strengths: ``quantiles``, ``relative`` or ``absolute`` (module docstring, step 3).
-        stats_bases, stats_seed: the bases the feature statistics are estimated from.
+        stats_bases, stats_seed: the bases the feature statistics are estimated from (default 256 for a
+            decoder, 32 for a sampling loop, where each base is a whole sampling run).
         feature_axis: where the features are in the site's activation (default: by shape, see
             :mod:`latentexplainer_plugin.sae.model`).
         dense_frequency: position frequency above which a feature counts as dense.
@@ -81,7 +84,8 @@ class SAEFeatureAdapter(Adapter):
         features: list[int] | None = Field(None, description="SAE feature numbers to explain (default: all)")
         strengths: StrengthMode = Field("quantiles", description="strength units: quantiles (0, median when "
                                         "active, max, 2 x max), relative (x the feature's max) or absolute")
-        stats_bases: int = Field(256, ge=1, le=100_000, description="bases the feature statistics come from")
+        stats_bases: int | None = Field(None, ge=1, le=100_000, description="bases the feature statistics come "
+                                        "from (default: 256; 32 in a sampling loop, a sampling run each)")
         stats_seed: int = Field(1, description="seed of the statistics bases")
         feature_axis: int | None = Field(None, description="dim of the features in the site's activation "
                                          "(default: 1 for (B, C, H, W), else the last)")
@@ -90,16 +94,18 @@ class SAEFeatureAdapter(Adapter):
         allow_pickle: bool = Field(False, description="accept dictionary_learning's ae.pt (weights_only=True)")
 
     def __init__(self, inner: Adapter, sae: SparseAutoencoder | str | Path, site: Site | str | None = None,
-                 features: Sequence[int] | None = None, strengths: str = "quantiles", stats_bases: int = 256,
+                 features: Sequence[int] | None = None, strengths: str = "quantiles", stats_bases: int | None = None,
                  stats_seed: int = 1, feature_axis: int | None = None, dense_frequency: float = 0.5,
                  allow_pickle: bool = False):
         validate_options(SAEFeatureAdapter.Options, {"strengths": strengths, "stats_bases": stats_bases, "stats_seed": stats_seed,
                                       "feature_axis": feature_axis, "dense_frequency": dense_frequency},
                          "the sae adapter")
-        if not (isinstance(getattr(inner, "driver", None), torch.nn.Module) and isinstance(getattr(inner, "site", None), Site)
-                and callable(getattr(inner, "sample_bases", None))):
-            raise TypeError(f"SAEFeatureAdapter wraps an adapter that decodes a latent through a site (a `driver` module, a "
-                            f"`site` and `sample_bases`, as VAEAdapter and GeneratorAdapter), got {type(inner).__name__}")
+        if "site_edits" not in getattr(inner, "capabilities", ()) or not (
+                isinstance(getattr(inner, "driver", None), torch.nn.Module) and isinstance(getattr(inner, "site", None), Site)
+                and callable(getattr(inner, "render_edited", None)) and callable(getattr(inner, "site_activations", None))):
+            raise TypeError(f"SAEFeatureAdapter wraps an adapter that renders edits at a site (capability site_edits: a "
+                            f"`driver` module, a `site`, render_edited and site_activations, as VAEAdapter and "
+                            f"DDPMAdapter), got {type(inner).__name__}")
         if isinstance(sae, (str, Path)):
             sae = load_sae(sae, allow_pickle=allow_pickle)
         if not isinstance(sae, SparseAutoencoder):
@@ -109,9 +115,12 @@ class SAEFeatureAdapter(Adapter):
         self.site = self._choose_site(site)
         self.feature_axis = feature_axis
         self.strength_mode = strengths
+        self.sampling_loop = "sampling_loop" in inner.capabilities
+        if stats_bases is None:
+            stats_bases = 32 if self.sampling_loop else 256
         self.stats_bases, self.stats_seed, self.dense_frequency = stats_bases, stats_seed, dense_frequency
         # 1. d_in against the probed site shape: fails before any edited forward pass
-        probe = inner.sample_bases(1, seed=stats_seed).to(inner.device)
+        probe = inner.sample_bases(1, seed=stats_seed).to(inner.device, getattr(inner, "dtype", None) or torch.float32)
         self.site_shape = tuple(probe_shape(inner.driver, self.site, probe))
         self.sae.check_site(self.site_shape, site=self.site, feature_axis=feature_axis)
         if features is None:
@@ -162,14 +171,19 @@ class SAEFeatureAdapter(Adapter):
         peaks, active_positions, positions = [], torch.zeros(len(self.features), dtype=torch.float64), 0
         chunk = self._chunk()
         for start in range(0, len(bases), chunk):
-            z = bases[start:start + chunk].to(self.inner.device)
-            h = site_activation(self.inner.driver, self.site, z)
-            axis = self.sae.check_site(h.shape, site=self.site, feature_axis=self.feature_axis)
-            acts = self.sae.encode_last(h.movedim(axis, -1)).index_select(-1, picked)  # (b, ..., F)
-            acts = acts.reshape(len(z), -1, len(self.features))  # (b, positions, F)
-            peaks.append(acts.amax(dim=1).float().cpu())
-            active_positions += (acts > 0).sum(dim=(0, 1)).double().cpu()
-            positions += acts.shape[0] * acts.shape[1]
+            z = bases[start:start + chunk]
+            per_call = self.inner.site_activations(z, self.site)  # (b, calls, *item): one call per edited step
+            peak = None
+            for call in range(per_call.shape[1]):  # one call at a time bounds the SAE's activations (see _chunk)
+                h = per_call[:, call].to(self.inner.device, self.sae.W_enc.dtype)
+                axis = self.sae.check_site(h.shape, site=self.site, feature_axis=self.feature_axis)
+                acts = self.sae.encode_last(h.movedim(axis, -1)).index_select(-1, picked)  # (b, ..., F)
+                acts = acts.reshape(len(z), -1, len(self.features))  # (b, positions, F)
+                top = acts.amax(dim=1).float().cpu()
+                peak = top if peak is None else torch.maximum(peak, top)
+                active_positions += (acts > 0).sum(dim=(0, 1)).double().cpu()
+                positions += acts.shape[0] * acts.shape[1]
+            peaks.append(peak)
         peak = torch.cat(peaks)  # (N, F)
         fires = peak > 0
         masked = torch.where(fires, peak, torch.full_like(peak, float("nan")))
@@ -334,12 +348,12 @@ class SAEFeatureAdapter(Adapter):
         if not indices:
             raise ValueError("nothing to traverse: indices is empty")
         targets = torch.stack([self.feature_strengths(i, strengths) for i in indices])  # (F, S)
-        n_lat, (n, d), s = len(indices), bases.shape, targets.shape[1]
-        z = bases[None, :, None, :].expand(n_lat, n, s, d).reshape(-1, d)
+        n_lat, n, s = len(indices), len(bases), targets.shape[1]
+        z = bases[None, :, None].expand(n_lat, n, s, *bases.shape[1:]).reshape(-1, *bases.shape[1:])
         flat_targets = targets[:, None, :].expand(n_lat, n, s).reshape(-1)
         flat_features = torch.tensor([self.features[i] for i in indices]).repeat_interleave(n * s)
         edit = SAEEdit(RULE, flat_targets, index=flat_features, sae=self.sae, feature_axis=self.feature_axis)
-        images = self._decode(z, edit)
+        images = self._render(z, edit)
         images = images.view(n_lat, n, 1, s, *images.shape[1:])
 
         out = []
@@ -347,31 +361,27 @@ class SAEFeatureAdapter(Adapter):
             extras = self.feature_extras(i)
             out.append(Traversal(
                 latent_id=self.latent_id(i), images=images[li], strengths=targets[li], rule=RULE, index=i,
-                base_latents=bases[:, None], row_labels=[""],
+                base_latents=bases[:, None] if bases.ndim == 2 else bases, row_labels=[""],
                 meta={"site": str(self.site), "feature": self.features[i], "strength_units": self.strength_mode,
                       "dead": extras["dead"], "stats": extras}))
         return out
 
     def _chunk(self) -> int:
-        """Items per forward pass: ``max_batch``, fewer when the SAE's activations would pass ~2**25 values."""
+        """Bases per rendering call: ``max_batch``, fewer when the SAE's activations at one call of
+        the site (every guidance copy) would pass ~2**25 values."""
         positions = 1
         axis = self.sae.axis_for(len(self.site_shape), self.feature_axis)
         for dim, size in enumerate(self.site_shape[1:], start=1):
             positions *= size if dim != axis else 1
-        return max(1, min(self.inner.max_batch, MAX_SAE_VALUES // max(1, positions * self.sae.d_sae)))
+        copies = int(getattr(self.inner, "copies", 1))
+        return max(1, min(self.inner.max_batch, MAX_SAE_VALUES // max(1, copies * positions * self.sae.d_sae)))
 
-    def _decode(self, z: torch.Tensor, edit: SAEEdit) -> torch.Tensor:
-        inner = self.inner
+    def _render(self, z: torch.Tensor, edit: SAEEdit) -> torch.Tensor:
         chunks, chunk = [], self._chunk()
         for start in range(0, len(z), chunk):
-            stop = start + chunk
-            part = replace(edit, strengths=edit.strengths[start:stop], index=edit.index[start:stop])
-            chunks.append(run_with_edit(inner.driver, self.site, part, z[start:stop].to(inner.device)).float().cpu())
-        images = torch.cat(chunks)
-        lo, hi = inner.output_range
-        if (lo, hi) != (0.0, 1.0):
-            images = (images - lo) / (hi - lo)
-        return images.clamp_(0.0, 1.0)
+            part = edit_items(edit, slice(start, start + chunk), len(self.site_shape) - 1)
+            chunks.append(self.inner.render_edited(z[start:start + chunk], part, self.site))
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
     def describe(self) -> dict[str, Any]:
         s = self.stats

@@ -1,0 +1,226 @@
+"""SAE features as the latents of sampling-loop adapters (ddpm, sd, dit, ...): steering on every step of
+the edit window, both guidance halves alike, checked against torch forward hooks written out by hand.
+
+A tiny random UNet2DModel (16x16 images, mid block (B, 32, 8, 8)), 3 DDIM steps (timesteps 666,
+333, 0) with t_edit=300: the first two steps are edited, the last is not. Every reference runs the
+adapter's plain sampler (no nnsight; it equals the diffusers pipelines in test_diffusion.py and
+test_transformer_diffusion.py) with a forward hook that applies the edit formula itself.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDIMPipeline, UNet2DModel
+from safetensors.torch import save_file
+
+from latentexplainer_plugin import LatentExplainer
+from latentexplainer_plugin.adapters.diffusion import DDPMAdapter
+from latentexplainer_plugin.cli import main
+from latentexplainer_plugin.sae import SAEFeatureAdapter, SparseAutoencoder
+
+STEPS = 3
+WINDOW = {0, 1}  # t_edit=300 edits the calls at t=666 and t=333
+TOL = 1e-5
+SHIFT = 100.0  # b_dec = -SHIFT keeps the axis SAE's features active: f_k = h_k + SHIFT > 0 (|h| is ~3)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+                       norm_num_groups=8, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2).eval()
+
+
+@pytest.fixture(scope="module")
+def ddpm(unet):
+    return DDPMAdapter(unet, DDIMScheduler(num_train_timesteps=1000), steps=STEPS, t_edit=300, max_batch=64)
+
+
+def topk_sae(d_in, d_sae=48, k=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return SparseAutoencoder(torch.randn(d_in, d_sae, generator=g) / d_in ** 0.5, 0.1 * torch.randn(d_sae, generator=g),
+                             torch.randn(d_sae, d_in, generator=g) / d_in ** 0.5, 0.1 * torch.randn(d_in, generator=g),
+                             "topk", k=k)
+
+
+def axis_sae(d):
+    eye = torch.eye(d)
+    return SparseAutoencoder(eye, torch.zeros(d), eye.clone(), torch.full((d,), -SHIFT), "standard")
+
+
+def steer_by_hand(h, sae, k, a):
+    """h (..., d_in) vectors: h + (a - f_k(h)) W_dec[k], f from the SAE's encoder written out (standard or topk)."""
+    pre = torch.relu((h - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    if sae.architecture == "topk":
+        kept = pre.topk(sae.k, dim=-1)
+        pre = torch.zeros_like(pre).scatter(-1, kept.indices, kept.values)
+    return h + (a - pre[..., k:k + 1]) * sae.W_dec[k]
+
+
+def sample_with_hook(adapter, module, bases, edit_vectors):
+    """Plain sampling with a forward hook on ``module``: on the calls in WINDOW the output (every
+    guidance copy) becomes ``edit_vectors(out)``; returns images in [0, 1] and the number of calls."""
+    calls = []
+
+    def hook(mod, args, out):
+        calls.append(1)
+        return edit_vectors(out) if len(calls) - 1 in WINDOW else out
+
+    handle = module.register_forward_hook(hook)
+    try:
+        images = adapter.sample(bases)
+    finally:
+        handle.remove()
+    return images, len(calls)
+
+
+def channels_last(fn):
+    """Apply a per-vector edit to a (B, C, H, W) map along C."""
+    return lambda out: fn(out.movedim(1, -1)).movedim(-1, 1)
+
+
+def test_ddpm_feature_steering_equals_a_torch_hook_on_every_edited_step(ddpm, unet):
+    sae = topk_sae(32)
+    adapter = SAEFeatureAdapter(ddpm, sae, features=[3, 17], strengths="absolute", stats_bases=4)
+    assert adapter.stats_bases == 4 and str(adapter.site) == "mid_block.output"
+    bases = ddpm.sample_bases(2, seed=5)
+    strengths = torch.tensor([0.0, 2.0, 6.0])
+    traversals = adapter.traverse([0, 1], bases, strengths)
+    for t, k in zip(traversals, (3, 17)):
+        assert t.images.shape == (2, 1, 3, 3, 16, 16) and t.rule == "sae" and t.latent_id == f"f{k}"
+        for j, a in enumerate(strengths.tolist()):
+            want, calls = sample_with_hook(ddpm, unet.mid_block, bases,
+                                           channels_last(lambda h, k=k, a=a: steer_by_hand(h, sae, k, a)))
+            assert calls == STEPS
+            assert (t.images[:, 0, j] - want).abs().max().item() <= TOL
+        assert (t.images[:, 0, 2] - t.images[:, 0, 0]).abs().max().item() > 0.05  # the feature's strength shows
+
+
+def test_axis_sae_in_a_sampling_loop_sets_the_channel_on_the_edited_steps_only(ddpm, unet):
+    adapter = SAEFeatureAdapter(ddpm, axis_sae(32), features=[5], strengths="absolute", stats_bases=2)
+    bases = ddpm.sample_bases(2, seed=7)
+    values = torch.tensor([-4.0, 0.0, 4.0])
+    (t,) = adapter.traverse([0], bases, values + SHIFT)
+
+    def set_channel(value):
+        def edit(out):
+            out = out.clone()
+            out[:, 5] = value
+            return out
+        return edit
+
+    for j, value in enumerate(values.tolist()):
+        want, _ = sample_with_hook(ddpm, unet.mid_block, bases, set_channel(value))
+        assert (t.images[:, 0, j] - want).abs().max().item() <= TOL
+    # the third step (t=0) is outside the window: setting the channel there too gives other images
+    every_step = []
+    handle = unet.mid_block.register_forward_hook(lambda m, a, out: set_channel(4.0)(out))
+    try:
+        every_step = ddpm.sample(bases)
+    finally:
+        handle.remove()
+    assert (t.images[:, 0, 2] - every_step).abs().max().item() > 1e-3
+
+
+def test_guidance_halves_are_steered_alike_in_stable_diffusion():
+    from latentexplainer_plugin.adapters.stable_diffusion import StableDiffusionAdapter
+    try:
+        from tests.tiny_sd import tiny_sd_parts
+    except ImportError:  # tests/ on sys.path instead of the repository root
+        from tiny_sd import tiny_sd_parts  # type: ignore
+
+    parts = tiny_sd_parts()
+    block = "down_blocks.0.attentions.0.transformer_blocks.0"  # (B, 64 tokens, 16): SAEs on SD read blocks like it
+    sd = StableDiffusionAdapter(parts["unet"], DDIMScheduler(), vae=parts["vae"], text_encoder=parts["text_encoder"],
+                                tokenizer=parts["tokenizer"], prompt="a photo of a face", guidance_scale=5.0, steps=STEPS,
+                                t_edit=300)
+    assert sd.copies == 2
+    sae = topk_sae(16, d_sae=24, k=3, seed=2)
+    adapter = SAEFeatureAdapter(sd, sae, site=f"{block}.output", features=[1], strengths="absolute", stats_bases=2)
+    bases = sd.sample_bases(2, seed=3)
+    strengths = torch.tensor([0.0, 3.0])
+    (t,) = adapter.traverse([0], bases, strengths)
+    module = sd.unet.get_submodule(block)
+    for j, a in enumerate(strengths.tolist()):
+        want, calls = sample_with_hook(sd, module, bases, lambda h, a=a: steer_by_hand(h, sae, 1, a))
+        assert calls == STEPS  # one call per step: both guidance halves are in that call's batch
+        assert (t.images[:, 0, j] - want).abs().max().item() <= TOL
+    assert (t.images[:, 0, 1] - t.images[:, 0, 0]).abs().max().item() > 0.01
+
+
+def test_statistics_are_peaks_over_positions_and_edited_steps(ddpm, unet):
+    sae = topk_sae(32, seed=4)
+    adapter = SAEFeatureAdapter(ddpm, sae, features=[0, 9, 30], stats_bases=3, stats_seed=11)
+    seen = []
+    handle = unet.mid_block.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    try:
+        ddpm.sample(ddpm.sample_bases(3, seed=11))
+    finally:
+        handle.remove()
+    window = torch.stack([seen[i] for i in sorted(WINDOW)], dim=1)  # (3 bases, 2 steps, 32, 8, 8)
+    h = window.movedim(2, -1)  # (3, 2, 8, 8, 32)
+    pre = torch.relu((h - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    kept = pre.topk(sae.k, dim=-1)
+    acts = torch.zeros_like(pre).scatter(-1, kept.indices, kept.values)[..., [0, 9, 30]]
+    peak = acts.flatten(1, 3).amax(dim=1)  # (3 bases, 3 features): over steps and positions
+    stats = adapter.stats
+    assert torch.allclose(stats["max"], peak.amax(dim=0), rtol=1e-4, atol=1e-5)
+    assert torch.allclose(stats["frequency"], (peak > 0).float().mean(0))
+    assert torch.allclose(stats["position_frequency"], (acts > 0).float().flatten(0, 3).mean(0), atol=1e-6)
+
+
+def test_a_dead_feature_leaves_the_samples_unchanged_and_is_never_clear(ddpm):
+    sae = topk_sae(32, seed=6)
+    with torch.no_grad():
+        sae.b_enc[7] = -1e4  # feature 7 never fires
+    adapter = SAEFeatureAdapter(ddpm, sae, features=[7], stats_bases=4)
+    assert adapter.dead_latents() == [0]
+    bases = ddpm.sample_bases(2, seed=8)
+    (t,) = adapter.traverse([0], bases, [0.0, 1.0])
+    assert t.strengths.tolist() == [0.0, 0.0, 0.0, 0.0] and t.meta["dead"] is True
+    plain = ddpm.sample(bases)
+    for j in range(4):
+        assert (t.images[:, 0, j] - plain).abs().max().item() <= TOL
+    (result,) = LatentExplainer(adapter, backend="offline", samples=3).attribute(target=[0])
+    assert result.clear is False and result.explanation is None
+
+
+def test_cli_explains_sae_features_of_a_saved_ddpm_pipeline(unet, tmp_path, capsys):
+    pipe_dir = tmp_path / "ddpm"
+    DDIMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000)).save_pretrained(pipe_dir)
+    sae_dir = tmp_path / "sae"
+    sae_dir.mkdir()
+    sae = topk_sae(32)
+    save_file({"W_enc": sae.W_enc.data, "b_enc": sae.b_enc.data, "W_dec": sae.W_dec.data, "b_dec": sae.b_dec.data},
+              str(sae_dir / "sae_weights.safetensors"))
+    (sae_dir / "cfg.json").write_text(json.dumps({"architecture": "topk", "d_in": 32, "d_sae": 48, "activation_fn_kwargs": {"k": 4},
+                                                  "metadata": {"hook_name": "mid_block.output"}}))
+    out = tmp_path / "run"
+    code = main(["explain", "--model", str(pipe_dir), "--sae", str(sae_dir), "--features", "3,17", "--steps", "3",
+                 "--t-edit", "300", "-o", "stats_bases=3", "--samples", "3", "--out", str(out), "--quiet"])
+    assert code in (0, 1), capsys.readouterr().err
+    data = json.loads((out / "results.json").read_text())
+    assert data["adapter"]["name"] == "sae" and data["adapter"]["inner"]["name"] == "ddpm"
+    assert data["adapter"]["site"] == "mid_block.output" and data["adapter"]["stats_bases"] == 3
+    assert [e["id"] for e in data["latents"]] == ["f3", "f17"]
+    for entry in data["latents"]:
+        assert entry["status"] == "ok" and (out / entry["strip"]).is_file()
+        assert entry["feature"] in (3, 17) and isinstance(entry["dead"], bool)
+    assert "directions" not in data  # SAE features, not PCA directions: no finder ran
+
+
+def test_cli_refuses_sae_for_an_adapter_that_cannot_steer(tmp_path, capsys):
+    sae_dir = tmp_path / "sae"
+    sae_dir.mkdir()
+    eye = torch.eye(4)
+    save_file({"W_enc": eye, "b_enc": torch.zeros(4), "W_dec": eye.clone(), "b_dec": torch.zeros(4)},
+              str(sae_dir / "sae_weights.safetensors"))
+    (sae_dir / "cfg.json").write_text(json.dumps({"architecture": "standard", "d_in": 4, "d_sae": 4}))
+    code = main(["explain", "--model", str(tmp_path / "missing"), "--adapter", "vlm", "--sae", str(sae_dir),
+                 "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--sae: the vlm adapter cannot steer a feature at a site" in err, err
+    assert "ddpm" in err and "vae" in err  # the adapters that can, from their declarations
