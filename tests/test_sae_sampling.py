@@ -224,3 +224,48 @@ def test_cli_refuses_sae_for_an_adapter_that_cannot_steer(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "--sae: the vlm adapter cannot steer a feature at a site" in err, err
     assert "ddpm" in err and "vae" in err  # the adapters that can, from their declarations
+
+
+def test_sae_train_collects_every_step_of_a_sampling_loop_then_explain_steers_it(unet, tmp_path, capsys):
+    from latentexplainer_plugin.sae.collect import ActivationStore
+
+    pipe_dir = tmp_path / "ddpm"
+    DDIMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000)).save_pretrained(pipe_dir)
+    sae_dir = tmp_path / "sae"
+    code = main(["sae-train", "--model", str(pipe_dir), "--out", str(sae_dir), "--n-features", "16", "-k", "2",
+                 "--steps", "20", "--samples", "6", "--batch-size", "4", "-o", "steps=3", "-o", "t_edit=300"])
+    assert code == 0, capsys.readouterr().err
+    store = ActivationStore(sae_dir / "activations")
+    m = store.manifest
+    assert (m.site, m.calls, m.n_items, m.d_in, m.positions) == ("mid_block.output", STEPS, 6, 32, [8, 8])
+    assert m.count == 6 * STEPS * 64  # every step of every sample, one row per position
+    # the rows of item 5 at the last step equal the mid block's output there, read with a torch hook
+    seen = []
+    handle = unet.mid_block.register_forward_hook(lambda mod, a, out: seen.append(out.detach().clone()))
+    try:
+        DDPMAdapter(unet, DDIMScheduler(num_train_timesteps=1000), steps=STEPS).sample(
+            DDPMAdapter(unet, steps=STEPS).sample_bases(6, seed=0))
+    finally:
+        handle.remove()
+    rows = [(a, i, c) for a, i, c in _rows(store) if i == 5 and c == STEPS - 1]
+    assert len(rows) == 64
+    got = torch.stack([a for a, _, _ in rows])  # (64 positions, 32)
+    want = seen[-1][5].flatten(1).T  # (8*8, 32), positions row-major
+    assert (got - want).abs().max().item() <= 1e-5
+
+    out = tmp_path / "run"
+    code = main(["explain", "--model", str(pipe_dir), "--sae", str(sae_dir), "--features", "0,1", "--steps", "3",
+                 "--t-edit", "300", "-o", "stats_bases=2", "--samples", "3", "--out", str(out), "--quiet"])
+    assert code in (0, 1), capsys.readouterr().err
+    data = json.loads((out / "results.json").read_text())
+    assert data["adapter"]["site"] == "mid_block.output" and [e["id"] for e in data["latents"]] == ["f0", "f1"]
+
+
+def _rows(store):
+    """(activation, item, call) for every row of a collection, read shard by shard with safetensors."""
+    from safetensors.torch import load_file
+
+    for shard in store.manifest.shards:
+        tensors = load_file(str(store.directory / shard["file"]))
+        for a, i, c in zip(tensors["activations"], tensors["item"].tolist(), tensors["call"].tolist()):
+            yield a, i, c

@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="latents decoded together while collecting (default 256)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("-o", "--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the adapter (repeatable), e.g. -o steps=20 -o prompt='a cat' for a sampling loop; "
+                        "latentexplainer plugins --options NAME lists them")
 
     p = sub.add_parser("make-data", help="write a procedural shapes dataset as npz")
     p.add_argument("--out", required=True)

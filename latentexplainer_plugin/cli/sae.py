@@ -1,7 +1,9 @@
 """``latentexplainer sae-train``: collect a model's activations at a site and train a TopK SAE on them.
 
 The activations come from the model's own sampling: the adapter's base latents (z ~ N(0, I) for a VAE
-or generator) decoded through its driver, streamed to shards under OUT/activations. The SAE is written
+or generator, initial noises for a sampling loop) rendered through its driver, streamed to shards
+under OUT/activations. In a sampling loop every step's call of the site is kept (SAeUron trains over
+many timesteps), and under classifier-free guidance only the conditional half of the batch. The SAE is written
 to OUT in SAELens layout, ready for ``latentexplainer explain --model M --sae OUT``.
 """
 
@@ -25,9 +27,15 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag} must be >= {low}, got {value}")
     if args.k > args.n_features:
         raise UsageError(f"-k ({args.k}) cannot exceed --n-features ({args.n_features})")
+    from .explain import _select
+    from .routing import route, validate
+
     name = args.adapter or hook().latentexplainer_adapter_for(model=str(args.model))
+    selected = _select("adapter", "adapters", name)
+    route([selected], {}, list(args.options or []), {"device": args.device})
+    validate([selected])  # -o options checked against the adapter's declaration before it loads
     try:
-        adapter = get_adapter(str(args.model), name, device=args.device)
+        adapter = get_adapter(str(args.model), name, **selected.options)
     except (ValueError, TypeError) as exc:
         raise UsageError(f"--model {args.model}: {exc}") from None
     driver = getattr(adapter, "driver", None)
@@ -42,8 +50,15 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     bases = adapter.sample_bases(args.samples, seed=args.seed)
     batches = [bases[i:i + args.batch_size].to(adapter.device) for i in range(0, len(bases), args.batch_size)]
+    calls = int(getattr(adapter, "n_calls", 1))  # a sampling loop calls the site once per step: keep every step
+    copies = int(getattr(adapter, "copies", 1))
+
+    def conditional(batch, activation):  # under guidance the site sees [uncond; cond]: keep the prompt's half
+        return activation[-len(batch):] if copies > 1 else activation
+
     try:
-        collect_activations(driver, site, batches, out / "activations", update=args.update)
+        collect_activations(driver, site, batches, out / "activations", update=args.update, calls=calls,
+                            select=conditional if copies > 1 else None)
         sae, report = train_sae(out / "activations", args.n_features, args.k, args.steps, seed=args.seed,
                                 out_dir=out, site=str(site))
     except ValueError as exc:
