@@ -148,6 +148,27 @@ def random_unet_family(size: int, samples: int, n_directions: int, seed: int = 0
     return rows_from(f"random-unet-{size}", explainer.attribute(), {})
 
 
+def random_unet_sae_family(size: int, samples: int, n_features: int = 8, seed: int = 0) -> list[Row]:
+    """SAE features of a random UNet's h-space: a random TopK SAE (128 features, k=8) at mid_block.output,
+    each feature steered on every step of the edit window. Nothing here means anything: every row is a negative."""
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    from latentexplainer_plugin import DDPMAdapter, LatentExplainer
+    from latentexplainer_plugin.sae import SAEFeatureAdapter, SparseAutoencoder
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(sample_size=size, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+                       norm_num_groups=8, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2).eval()
+    inner = DDPMAdapter(unet, DDIMScheduler(num_train_timesteps=1000), steps=10, t_edit=500)
+    g = torch.Generator().manual_seed(seed + 1)
+    d, f = 64, 128
+    sae = SparseAutoencoder(torch.randn(d, f, generator=g) / d ** 0.5, torch.zeros(f), torch.randn(f, d, generator=g) / d ** 0.5,
+                            torch.zeros(d), "topk", k=8)
+    adapter = SAEFeatureAdapter(inner, sae, features=list(range(n_features)), stats_bases=16)
+    explainer = LatentExplainer(adapter, backend="offline", samples=samples, similarity=SIMILARITY)
+    return rows_from(f"random-unet-sae-{size}", explainer.attribute(), {})
+
+
 class PixelGenerator(torch.nn.Module):
     """Every pixel a fixed random function of z: sigmoid of a random (seeded) linear map, 16 x 16 RGB."""
 
@@ -265,6 +286,8 @@ def main() -> None:
     p.add_argument("--shapes2-eval", default=None, metavar="NPZ",
                    help="held-out shapes2 images with factors (default: 2000 made here with seed 1)")
     p.add_argument("--quick", action="store_true", help="fewer UNet directions")
+    p.add_argument("--families", default=None, metavar="LIST",
+                   help="only these families (comma-separated name prefixes, e.g. random-unet-sae); default: all")
     args = p.parse_args()
     # every trained family is checked before the minutes spent on the demo families
     specs = [parse_vae_spec(s, p) for s in args.vae]
@@ -284,26 +307,29 @@ def main() -> None:
     t0 = time.perf_counter()
     demo = load_demo_model()
     data = demo_data(1000)
+    plan: list[tuple[str, Any]] = [
+        (name, lambda model=model, d=d, name=name: vae_family(name, model, d, args.samples))
+        for name, model, d in (("demo", demo, data), ("random-vae", randomized(demo, 1), None),
+                               ("collapsed-vae", collapsed(demo), None))]
+    plan += [(name, lambda name=name, model_dir=model_dir, npz=npz: vae_family(name, *load_trained(model_dir, npz), args.samples))
+             for name, model_dir, npz in specs]
+    plan += [(name, lambda name=name, make=make: random_generator_family(name, make, args.samples))
+             for name, make in (("random-pixel-gen", PixelGenerator), ("random-dcgan", RandomDCGAN))]
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    plan += [(f"random-unet-{size}", lambda size=size: random_unet_family(size, args.samples, 3 if args.quick else args.directions))
+             for size in sizes]
+    plan += [(f"random-unet-sae-{size}", lambda size=size: random_unet_sae_family(size, args.samples)) for size in sizes]
+    if args.families:
+        wanted = [w.strip() for w in args.families.split(",") if w.strip()]
+        plan = [(name, run) for name, run in plan if any(name.startswith(w) for w in wanted)]
+        if not plan:
+            p.error(f"--families {args.families}: no family starts with these names")
     rows: list[Row] = []
     timing = {}
-    for name, model, d in (("demo", demo, data), ("random-vae", randomized(demo, 1), None),
-                           ("collapsed-vae", collapsed(demo), None)):
+    for name, run in plan:
         t = time.perf_counter()
-        rows += vae_family(name, model, d, args.samples)
+        rows += run()
         timing[name] = time.perf_counter() - t
-    for name, model_dir, npz in specs:
-        t = time.perf_counter()
-        model, eval_data = load_trained(model_dir, npz)
-        rows += vae_family(name, model, eval_data, args.samples)
-        timing[name] = time.perf_counter() - t
-    for name, make in (("random-pixel-gen", PixelGenerator), ("random-dcgan", RandomDCGAN)):
-        t = time.perf_counter()
-        rows += random_generator_family(name, make, args.samples)
-        timing[name] = time.perf_counter() - t
-    for size in [int(s) for s in args.sizes.split(",") if s]:
-        t = time.perf_counter()
-        rows += random_unet_family(size, args.samples, 3 if args.quick else args.directions)
-        timing[f"random-unet-{size}"] = time.perf_counter() - t
     print(f"measure {SIMILARITY}, threshold {get_similarity(SIMILARITY).default_threshold}, offline explainer, "
           f"{args.samples} answers per latent\n")
     summary(rows)
