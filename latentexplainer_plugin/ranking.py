@@ -40,7 +40,7 @@ ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 
 __all__ = [
     "SCORES", "LatentScore", "RankedLatents", "RankThenExplain", "attribution_methods", "make_method",
-    "method_name", "rank_latents", "resolve_score",
+    "method_name", "rank_by_frequency", "rank_latents", "resolve_score",
 ]
 
 
@@ -215,8 +215,13 @@ def _lookup(name: str) -> type:
     return getattr(ca, name)
 
 
+FREQUENCY = "frequency"  # not a captum method: rank SAE features by how often they fire (rank_by_frequency)
+
+
 def check_method_spec(spec: str) -> None:
-    """Validate a method name such as ``"NoiseTunnel(IntegratedGradients)"`` without building anything."""
+    """Validate a method name such as ``"NoiseTunnel(IntegratedGradients)"`` (or ``"frequency"``) without building anything."""
+    if spec == FREQUENCY:
+        return
     m = _SPEC.match(spec) if isinstance(spec, str) else None
     if m is None:
         raise ValueError(f"attribution method {spec!r} is not a name like 'IntegratedGradients' or 'NoiseTunnel(Saliency)'")
@@ -388,6 +393,8 @@ def rank_latents(adapter: Any, score: str | ScoreFn | None = "mean", method: Any
         method_kwargs: passed to ``attribute`` (``n_steps``, ``baselines``, ``nt_samples``, ``stdevs``, ...).
     """
     adapter = _adapter_of(adapter)
+    if isinstance(method, str) and method == FREQUENCY:
+        return rank_by_frequency(adapter)
     forward = LatentScore(adapter, score, alpha=alpha)
     attribution = make_method(method, forward)
     if attribution.forward_func is not forward:
@@ -435,6 +442,21 @@ def rank_latents(adapter: Any, score: str | ScoreFn | None = "mean", method: Any
         info["alpha"] = forward.alpha
     return RankedLatents(ids, out.detach().reshape(len(x), -1)[:, :n], method_name(attribution), forward.score_name,
                          delta=delta, info=info)
+
+
+def rank_by_frequency(adapter: Any) -> RankedLatents:
+    """Rank latents by how often they fire: the share of images (or bases) where each SAE feature is
+    active, from the adapter's feature statistics (``adapter.stats["frequency"]``, from the data when
+    it has example evidence). Dead features come last."""
+    adapter = _adapter_of(adapter)
+    stats = getattr(adapter, "stats", None)
+    frequency = stats.get("frequency") if isinstance(stats, dict) else None
+    if not torch.is_tensor(frequency) or frequency.shape != (adapter.n_latents,):
+        raise ValueError(f"ranking by frequency needs latents that fire, such as SAE features (--sae); the "
+                         f"{getattr(adapter, 'name', type(adapter).__name__)} adapter keeps no firing frequencies")
+    ids = [adapter.latent_id(i) for i in range(adapter.n_latents)]
+    source = "data" if getattr(adapter, "has_examples", False) else "samples"
+    return RankedLatents(ids, frequency.float()[None], FREQUENCY, FREQUENCY, info={"n_inputs": 1, "stats_source": source})
 
 
 class RankThenExplain:

@@ -269,3 +269,71 @@ def _rows(store):
         tensors = load_file(str(store.directory / shard["file"]))
         for a, i, c in zip(tensors["activations"], tensors["item"].tolist(), tensors["call"].tolist()):
             yield a, i, c
+
+
+# -- ranking features: captum attributions of a score, or firing frequency
+def test_saliency_of_axis_features_equals_the_decoder_gradient_by_hand():
+    from captum.attr import Saliency
+
+    from latentexplainer_plugin.adapters.vae import VAEAdapter
+    from latentexplainer_plugin.demo import load_demo_model
+    from latentexplainer_plugin.ranking import rank_latents
+
+    demo = load_demo_model()
+    inner = VAEAdapter(demo)
+    adapter = SAEFeatureAdapter(inner, SparseAutoencoder(torch.eye(10), torch.zeros(10), torch.eye(10), torch.full((10,), -4.0)),
+                                stats_bases=64)
+    bases = inner.sample_bases(3, seed=2)
+    ranking = rank_latents(adapter, "red", Saliency, bases, abs=False)
+    top = adapter.stats["max"]  # axis SAE: feature k moves z_k by alpha * max_k
+    z = (bases + top).requires_grad_(True)  # alpha = 1 for every feature
+    demo.decode(z).clamp(0, 1)[:, 0].flatten(1).mean(1).sum().backward()
+    want = z.grad * top
+    assert torch.allclose(ranking.attributions, want, atol=1e-5, rtol=1e-4)
+    assert ranking.ids == [f"f{k}" for k in range(10)] and ranking.method == "Saliency"
+
+
+def test_integrated_gradients_rank_features_through_every_sampling_step(ddpm):
+    from latentexplainer_plugin.ranking import rank_latents
+
+    adapter = SAEFeatureAdapter(ddpm, topk_sae(32), features=[3, 17, 20], stats_bases=4)
+    bases = ddpm.sample_bases(2, seed=9)
+    alphas, extra, baselines = adapter.latent_coordinates(bases)
+    assert alphas.shape == (2, 3) and baselines.abs().max() == 0
+    with torch.no_grad():  # alpha = 0: no edit, the plain samples
+        assert (adapter.images_at(baselines, *extra) - ddpm.sample(bases)).abs().max().item() <= TOL
+    ranking = rank_latents(adapter, "mean", "IntegratedGradients", bases, n_steps=8)
+    assert ranking.attributions.shape == (2, 3) and torch.isfinite(ranking.attributions).all()
+    assert ranking.attributions.abs().max() > 0
+    # completeness: the attributions of each base add up to score(alpha=1) - score(alpha=0), up to IG's delta
+    with torch.no_grad():
+        gap = adapter.images_at(alphas, *extra).flatten(1).mean(1) - adapter.images_at(baselines, *extra).flatten(1).mean(1)
+    assert torch.allclose(ranking.attributions.sum(1), gap, atol=float(ranking.delta.abs().max()) + 1e-5)
+
+
+def test_frequency_ranking_and_the_cli_top_k(tmp_path, capsys):
+    from latentexplainer_plugin.adapters.vae import VAEAdapter
+    from latentexplainer_plugin.demo import WEIGHTS_DIR, load_demo_model
+    from latentexplainer_plugin.ranking import rank_by_frequency
+
+    sae = topk_sae(10, d_sae=12, k=2, seed=3)
+    adapter = SAEFeatureAdapter(VAEAdapter(load_demo_model()), sae, stats_bases=64)
+    ranking = rank_by_frequency(adapter)
+    frequency = adapter.stats["frequency"]
+    assert [frequency[i] for i in ranking.order] == sorted(frequency.tolist(), reverse=True)
+    sae_dir = tmp_path / "sae"
+    sae_dir.mkdir()
+    save_file({"W_enc": sae.W_enc.data, "b_enc": sae.b_enc.data, "W_dec": sae.W_dec.data, "b_dec": sae.b_dec.data},
+              str(sae_dir / "sae_weights.safetensors"))
+    (sae_dir / "cfg.json").write_text(json.dumps({"architecture": "topk", "d_in": 10, "d_sae": 12, "activation_fn_kwargs": {"k": 2},
+                                                  "metadata": {"hook_name": "decoder.input"}}))
+    out = tmp_path / "run"
+    code = main(["explain", "--model", str(WEIGHTS_DIR), "--sae", str(sae_dir), "--rank-by", "frequency", "--top-k", "3",
+                 "-o", "stats_bases=64", "--samples", "3", "--out", str(out), "--quiet"])
+    assert code in (0, 1), capsys.readouterr().err
+    data = json.loads((out / "results.json").read_text())
+    assert data["ranking"]["method"] == "frequency"
+    assert data["ranking"]["order"] == [f"f{i}" for i in ranking.order]
+    assert {e["id"]: e["rank"] for e in data["latents"]} == {f"f{i}": r for r, i in enumerate(ranking.order[:3], 1)}
+    code = main(["explain", "--model", str(WEIGHTS_DIR), "--rank-by", "frequency", "--out", str(tmp_path / "o"), "--quiet"])
+    assert code == 2 and "--rank-by frequency ranks SAE features" in capsys.readouterr().err

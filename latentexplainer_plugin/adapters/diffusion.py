@@ -417,7 +417,7 @@ class DDPMAdapter(Adapter):
     # -- sampling ------------------------------------------------------------------------------
 
     def _to_images(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x.float().cpu() + 1.0) / 2.0).clamp_(0.0, 1.0)
+        return ((x.float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0)
 
     @torch.no_grad()
     def sample(self, bases: torch.Tensor) -> torch.Tensor:
@@ -435,14 +435,14 @@ class DDPMAdapter(Adapter):
         direction = direction.to(self.device, self.dtype)
         return self.render_edited(bases, Edit("add", torch.as_tensor(strengths, dtype=torch.float32), direction=direction))
 
-    @torch.no_grad()
     def render_edited(self, bases: torch.Tensor, edit: Edit, site: Site | None = None) -> torch.Tensor:
         """Sample from noises ``bases`` (B, C, H, W) with ``edit`` (any registered rule, one strength
         per item) applied at ``site`` (default: the latent site) on every step of the edit window;
         images (B, C, H, W) in [0, 1].
 
         One nnsight trace per chunk of ``max_batch`` items covers every step. Under guidance the
-        denoiser sees each item ``copies`` times and every copy gets the item's edit.
+        denoiser sees each item ``copies`` times and every copy gets the item's edit. Differentiable in
+        the edit's tensors when gradients are enabled (ranking); traversals run it under no_grad.
         """
         site = site or self.site
         bases = self._check_bases(bases)

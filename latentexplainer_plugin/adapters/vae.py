@@ -162,10 +162,10 @@ class VAEAdapter(Adapter):
             self._features[site] = tuple(probe_shape(self.driver, site, z[:1])[1:])
         return self._features[site]
 
-    @torch.no_grad()
     def render_edited(self, bases: torch.Tensor, edit: Edit, site: Site | None = None) -> torch.Tensor:
         """Decode latents ``bases`` (B, D) with ``edit`` (one strength per item) applied at ``site``
-        (default: the latent site); images (B, C, H, W) in [0, 1], in chunks of ``max_batch``."""
+        (default: the latent site); images (B, C, H, W) in [0, 1], in chunks of ``max_batch``;
+        differentiable in the edit's tensors when gradients are enabled (traversals run without)."""
         site = site or self.site
         z = self._check_bases(bases)
         chunks = []
@@ -178,7 +178,7 @@ class VAEAdapter(Adapter):
         lo, hi = self.output_range
         if (lo, hi) != (0.0, 1.0):
             images = (images - lo) / (hi - lo)
-        return images.clamp_(0.0, 1.0)
+        return images.clamp(0.0, 1.0)  # out of place: the decoder output may be needed for gradients
 
     @torch.no_grad()
     def site_activations(self, bases: torch.Tensor, site: Site | None = None) -> torch.Tensor:
@@ -235,7 +235,8 @@ class VAEAdapter(Adapter):
             edit = Edit("set", step_strengths, index=index)
         else:
             edit = Edit("add", step_strengths, direction=directions.repeat_interleave(n * rows * s, dim=0))
-        images = self.render_edited(flat, edit)
+        with torch.no_grad():
+            images = self.render_edited(flat, edit)
         images = images.view(len(indices), n, rows, s, *images.shape[1:])
 
         out = []

@@ -97,6 +97,8 @@ def check_ranking_flags(rank_by: str | None, score: str | None, top_k: int | Non
 
     if rank_by is not None:
         check_method_spec(rank_by)
+    if rank_by == "frequency" and score is not None:
+        raise ValueError("--rank-by frequency ranks SAE features by how often they fire; --score does not apply to it")
     if score is not None:
         resolve_score(score)
 
@@ -143,6 +145,8 @@ def plan_explain(args: argparse.Namespace, adapter_name: str) -> Plan:
         sae = Selected("feature source", "sae", SAEFeatureAdapter)
     elif getattr(args, "features", None):
         raise UsageError("--features picks SAE features: give the SAE with --sae PATH")
+    if getattr(args, "rank_by", None) == "frequency" and sae is None and "sae_features" not in adapter.capabilities:
+        raise UsageError("--rank-by frequency ranks SAE features by how often they fire: give the SAE with --sae PATH")
     direction = getattr(args, "direction", None)
     if direction is not None and "directions" not in adapter.capabilities:
         raise UsageError(f"--direction: the {adapter.name} adapter explains its latent axes, not directions; adapters that "

@@ -48,7 +48,8 @@ def _add_explain_options(p: argparse.ArgumentParser, default_out: str | None) ->
     p.add_argument("--force", action="store_true", help="overwrite a run with other settings in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     r = p.add_argument_group("rank, then explain (captum); see docs/captum.md")
-    r.add_argument("--rank-by", default=None, metavar="METHOD", help="captum.attr method that ranks the latents by a score: IntegratedGradients, Saliency, FeatureAblation, 'NoiseTunnel(IntegratedGradients)', ...")
+    r.add_argument("--rank-by", default=None, metavar="METHOD", help="captum.attr method that ranks the latents by a score: IntegratedGradients, Saliency, FeatureAblation, 'NoiseTunnel(IntegratedGradients)', ...; "
+                        "for SAE features also frequency (how often each fires)")
     r.add_argument("--score", default=None, help="score of the generated image to attribute: mean | red | green | blue | contrast | MODULE:FUNC (images (B,C,H,W) -> (B,)); default mean")
     r.add_argument("--top-k", type=int, default=None, metavar="K", help="explain only the K latents the score depends on most (needs --rank-by)")
     p.add_argument("-o", "--option", dest="options", action="append", default=[], metavar="KEY=VALUE",

@@ -46,7 +46,7 @@ from pydantic import Field
 from ..adapters.base import Adapter, check_strengths
 from ..hooks import SiteError, edit_items, probe_shape, resolve_module
 from ..options import ComponentOptions, validate_options
-from ..types import Site, Traversal
+from ..types import Edit, Site, Traversal
 from .formats import load_sae
 from .model import SparseAutoencoder
 from .steering import RULE, SAEEdit
@@ -365,6 +365,28 @@ class SAEFeatureAdapter(Adapter):
                 meta={"site": str(self.site), "feature": self.features[i], "strength_units": self.strength_mode,
                       "dead": extras["dead"], "stats": extras}))
         return out
+
+    # -- captum: ranking features by an attributed score (ranking.LatentScore)
+    def latent_coordinates(self, bases: torch.Tensor, alpha: float = 1.0) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        """For captum: per base, a step alpha_k (B, K) along each feature's decoder direction in units of
+        the feature's max, the bases alongside, baseline alpha = 0 (no edit)."""
+        bases = self.inner._check_bases(bases)
+        alphas = torch.full((len(bases), self.n_latents), float(alpha))
+        return alphas, (bases,), torch.zeros_like(alphas)
+
+    def images_at(self, alphas: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] with h <- h + sum_k alpha_k max_k d_k at every position of the site (on every
+        edited step of a sampling loop), differentiable in ``alphas``. A dead feature (max 0) gets no
+        attribution."""
+        scale = self.stats["max"].to(self.sae.W_dec.dtype)
+        rows = self.sae.decoder_directions()[torch.tensor(self.features)] * scale[:, None]  # (K, d_in)
+        moved = alphas.to(rows.dtype) @ rows.to(alphas.device)  # (B, d_in)
+        axis = self.sae.axis_for(len(self.site_shape), self.feature_axis)
+        shape = [len(alphas)] + [1] * (len(self.site_shape) - 1)
+        shape[axis] = self.sae.d_in
+        direction = moved.view(shape).expand(len(alphas), *self.site_shape[1:])
+        edit = Edit("add", torch.ones(len(alphas), device=alphas.device), direction=direction)
+        return self.inner.render_edited(bases, edit, self.site)
 
     def _chunk(self) -> int:
         """Bases per rendering call: ``max_batch``, fewer when the SAE's activations at one call of
