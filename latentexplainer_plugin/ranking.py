@@ -452,7 +452,7 @@ def rank_by_frequency(adapter: Any) -> RankedLatents:
     stats = getattr(adapter, "stats", None)
     frequency = stats.get("frequency") if isinstance(stats, dict) else None
     if not torch.is_tensor(frequency) or frequency.shape != (adapter.n_latents,):
-        raise ValueError(f"ranking by frequency needs latents that fire, such as SAE features (--sae); the "
+        raise ValueError(f"ranking by frequency needs latents that fire, such as the features of an SAEFeatureAdapter; the "
                          f"{getattr(adapter, 'name', type(adapter).__name__)} adapter keeps no firing frequencies")
     ids = [adapter.latent_id(i) for i in range(adapter.n_latents)]
     source = "data" if getattr(adapter, "has_examples", False) else "samples"

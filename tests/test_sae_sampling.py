@@ -51,6 +51,20 @@ def axis_sae(d):
     return SparseAutoencoder(eye, torch.zeros(d), eye.clone(), torch.full((d,), -SHIFT), "standard")
 
 
+def write_saelens(folder, sae, hook_name=None):
+    """``sae`` in SAELens layout (cfg.json + sae_weights.safetensors), written by hand from its documented keys."""
+    folder.mkdir()
+    save_file({"W_enc": sae.W_enc.data, "b_enc": sae.b_enc.data, "W_dec": sae.W_dec.data, "b_dec": sae.b_dec.data},
+              str(folder / "sae_weights.safetensors"))
+    cfg = {"architecture": sae.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae}
+    if sae.k is not None:
+        cfg["activation_fn_kwargs"] = {"k": sae.k}
+    if hook_name:
+        cfg["metadata"] = {"hook_name": hook_name}
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    return folder
+
+
 def steer_by_hand(h, sae, k, a):
     """h (..., d_in) vectors: h + (a - f_k(h)) W_dec[k], f from the SAE's encoder written out (standard or topk)."""
     pre = torch.relu((h - sae.b_dec) @ sae.W_enc + sae.b_enc)
@@ -191,13 +205,7 @@ def test_a_dead_feature_leaves_the_samples_unchanged_and_is_never_clear(ddpm):
 def test_cli_explains_sae_features_of_a_saved_ddpm_pipeline(unet, tmp_path, capsys):
     pipe_dir = tmp_path / "ddpm"
     DDIMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000)).save_pretrained(pipe_dir)
-    sae_dir = tmp_path / "sae"
-    sae_dir.mkdir()
-    sae = topk_sae(32)
-    save_file({"W_enc": sae.W_enc.data, "b_enc": sae.b_enc.data, "W_dec": sae.W_dec.data, "b_dec": sae.b_dec.data},
-              str(sae_dir / "sae_weights.safetensors"))
-    (sae_dir / "cfg.json").write_text(json.dumps({"architecture": "topk", "d_in": 32, "d_sae": 48, "activation_fn_kwargs": {"k": 4},
-                                                  "metadata": {"hook_name": "mid_block.output"}}))
+    sae_dir = write_saelens(tmp_path / "sae", topk_sae(32), "mid_block.output")
     out = tmp_path / "run"
     code = main(["explain", "--model", str(pipe_dir), "--sae", str(sae_dir), "--features", "3,17", "--steps", "3",
                  "--t-edit", "300", "-o", "stats_bases=3", "--samples", "3", "--out", str(out), "--quiet"])
@@ -213,12 +221,7 @@ def test_cli_explains_sae_features_of_a_saved_ddpm_pipeline(unet, tmp_path, caps
 
 
 def test_cli_refuses_sae_for_an_adapter_that_cannot_steer(tmp_path, capsys):
-    sae_dir = tmp_path / "sae"
-    sae_dir.mkdir()
-    eye = torch.eye(4)
-    save_file({"W_enc": eye, "b_enc": torch.zeros(4), "W_dec": eye.clone(), "b_dec": torch.zeros(4)},
-              str(sae_dir / "sae_weights.safetensors"))
-    (sae_dir / "cfg.json").write_text(json.dumps({"architecture": "standard", "d_in": 4, "d_sae": 4}))
+    sae_dir = write_saelens(tmp_path / "sae", SparseAutoencoder.identity(4))
     code = main(["explain", "--model", str(tmp_path / "missing"), "--adapter", "vlm", "--sae", str(sae_dir),
                  "--out", str(tmp_path / "o"), "--quiet"])
     err = capsys.readouterr().err
@@ -321,12 +324,7 @@ def test_frequency_ranking_and_the_cli_top_k(tmp_path, capsys):
     ranking = rank_by_frequency(adapter)
     frequency = adapter.stats["frequency"]
     assert [frequency[i] for i in ranking.order] == sorted(frequency.tolist(), reverse=True)
-    sae_dir = tmp_path / "sae"
-    sae_dir.mkdir()
-    save_file({"W_enc": sae.W_enc.data, "b_enc": sae.b_enc.data, "W_dec": sae.W_dec.data, "b_dec": sae.b_dec.data},
-              str(sae_dir / "sae_weights.safetensors"))
-    (sae_dir / "cfg.json").write_text(json.dumps({"architecture": "topk", "d_in": 10, "d_sae": 12, "activation_fn_kwargs": {"k": 2},
-                                                  "metadata": {"hook_name": "decoder.input"}}))
+    sae_dir = write_saelens(tmp_path / "sae", sae, "decoder.input")
     out = tmp_path / "run"
     code = main(["explain", "--model", str(WEIGHTS_DIR), "--sae", str(sae_dir), "--rank-by", "frequency", "--top-k", "3",
                  "-o", "stats_bases=64", "--samples", "3", "--out", str(out), "--quiet"])
@@ -337,3 +335,16 @@ def test_frequency_ranking_and_the_cli_top_k(tmp_path, capsys):
     assert {e["id"]: e["rank"] for e in data["latents"]} == {f"f{i}": r for r, i in enumerate(ranking.order[:3], 1)}
     code = main(["explain", "--model", str(WEIGHTS_DIR), "--rank-by", "frequency", "--out", str(tmp_path / "o"), "--quiet"])
     assert code == 2 and "--rank-by frequency ranks SAE features" in capsys.readouterr().err
+
+
+def test_example_evidence_in_a_sampling_loop_needs_an_activation_collection(ddpm, unet, tmp_path, capsys):
+    from latentexplainer_plugin.errors import SiteError
+    from latentexplainer_plugin.sae.examples import ExamplesError
+
+    adapter = SAEFeatureAdapter(ddpm, topk_sae(32), features=[0], stats_bases=2)
+    images = (torch.rand(4, 16, 16, 3) * 255).to(torch.uint8).numpy()
+    with pytest.raises(ExamplesError, match=r"the ddpm adapter samples from noise, so images have no encoder to the site "
+                                            r"mid_block.output: give example evidence as an activation collection \(store=\)"):
+        adapter.attach_examples(images)
+    with pytest.raises(SiteError, match="UNet2DModel"):  # the user's model named, not the sampling driver
+        SAEFeatureAdapter(ddpm, topk_sae(32), site="no_such_block.output")

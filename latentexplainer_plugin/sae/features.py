@@ -148,9 +148,16 @@ class SAEFeatureAdapter(Adapter):
         try:
             resolve_module(self.inner.driver, site.path)
         except SiteError as exc:
-            model = type(self.inner.model).__name__
+            model = self._model_name()
             raise SiteError(str(exc).replace(type(self.inner.driver).__name__, model, 1)) from None
         return site
+
+    def _model_name(self) -> str:
+        for name in ("model", "unet", "driver"):  # the user's model, as the adapter names it
+            model = getattr(self.inner, name, None)
+            if model is not None:
+                return type(model).__name__
+        return type(self.inner).__name__
 
     # -- the Adapter interface
     @property
@@ -237,9 +244,13 @@ class SAEFeatureAdapter(Adapter):
                 raise ExamplesError(f"{name} must be an int >= 1, got {value!r}")
         tmp = None
         if store is None:
-            encoder = encode if encode is not None else getattr(self.inner.model, "encode", None)
+            if self.sampling_loop and encode is None:
+                raise ExamplesError(f"the {self.inner.name} adapter samples from noise, so images have no encoder to the "
+                                    f"site {self.site}: give example evidence as an activation collection (store=) at the "
+                                    "site whose item i is image i")
+            encoder = encode if encode is not None else getattr(getattr(self.inner, "model", None), "encode", None)
             if not callable(encoder):
-                raise ExamplesError(f"{type(self.inner.model).__name__} has no encode(); give an activation collection "
+                raise ExamplesError(f"{self._model_name()} has no encode(); give an activation collection "
                                     "(store=) at the site, or encode= (images -> latents)")
             tmp = tempfile.TemporaryDirectory(prefix="latentexplainer-examples-")
 
