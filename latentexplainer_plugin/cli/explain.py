@@ -124,7 +124,6 @@ def plan_explain(args: argparse.Namespace, adapter_name: str) -> Plan:
     """Select the components, route the options to them and run every check that needs no model."""
     from ..components import parse_backend_spec
     from ..directions.find import resolve_direction_spec
-    from ..plugins import registry
 
     strengths, latents = _check_common(args)
     try:
