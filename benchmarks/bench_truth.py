@@ -148,9 +148,12 @@ def random_unet_family(size: int, samples: int, n_directions: int, seed: int = 0
     return rows_from(f"random-unet-{size}", explainer.attribute(), {})
 
 
-def random_unet_sae_family(size: int, samples: int, n_features: int = 8, seed: int = 0) -> list[Row]:
+def random_unet_sae_family(size: int, samples: int, n_features: int = 8, seed: int = 0,
+                           sampled_examples: int = 128) -> list[Row]:
     """SAE features of a random UNet's h-space: a random TopK SAE (128 features, k=8) at mid_block.output,
-    each feature steered on every step of the edit window. Nothing here means anything: every row is a negative."""
+    each feature steered on every step of the edit window and shown its examples among ``sampled_examples``
+    of the model's own samples. Nothing here means anything: every row is a negative, and a row is clear
+    when either kind of evidence gives a clear explanation (``extra["examples_clear"]`` says which)."""
     from diffusers import DDIMScheduler, UNet2DModel
 
     from latentexplainer_plugin import DDPMAdapter, LatentExplainer
@@ -164,9 +167,16 @@ def random_unet_sae_family(size: int, samples: int, n_features: int = 8, seed: i
     d, f = 64, 128
     sae = SparseAutoencoder(torch.randn(d, f, generator=g) / d ** 0.5, torch.zeros(f), torch.randn(f, d, generator=g) / d ** 0.5,
                             torch.zeros(d), "topk", k=8)
-    adapter = SAEFeatureAdapter(inner, sae, features=list(range(n_features)), stats_bases=16)
-    explainer = LatentExplainer(adapter, backend="offline", samples=samples, similarity=SIMILARITY)
-    return rows_from(f"random-unet-sae-{size}", explainer.attribute(), {})
+    adapter = SAEFeatureAdapter(inner, sae, features=list(range(n_features)), stats_bases=16,
+                                sampled_examples=sampled_examples)
+    results = LatentExplainer(adapter, backend="offline", samples=samples, similarity=SIMILARITY).attribute()
+    rows = rows_from(f"random-unet-sae-{size}", results, {})
+    for row, result in zip(rows, results):
+        record = result.extras.get("examples") or {}
+        row.extra["examples_clear"] = bool(record.get("clear"))
+        if record.get("clear"):
+            row.clear, row.explanation = True, f"(examples) {record.get('explanation')}"
+    return rows
 
 
 class PixelGenerator(torch.nn.Module):

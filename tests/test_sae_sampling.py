@@ -348,3 +348,73 @@ def test_example_evidence_in_a_sampling_loop_needs_an_activation_collection(ddpm
         adapter.attach_examples(images)
     with pytest.raises(SiteError, match="UNet2DModel"):  # the user's model named, not the sampling driver
         SAEFeatureAdapter(ddpm, topk_sae(32), site="no_such_block.output")
+
+
+def test_examples_from_the_models_own_samples(ddpm, unet, tmp_path, capsys):
+    sae = topk_sae(32, seed=5)
+    adapter = SAEFeatureAdapter(ddpm, sae, features=[0, 1, 2, 3], stats_bases=2)
+    adapter.attach_sampled_examples(10, seed=4, n_top=3, n_quantiles=2, n_contrast=2)
+    assert adapter.has_examples and adapter.describe()["stats_source"] == "data"
+    bases = ddpm.sample_bases(10, seed=4)
+    plain = ddpm.sample(bases)
+    # the reference: per sample, each feature's mean activation over positions and every step, read by a hook
+    seen = []
+    handle = unet.mid_block.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    try:
+        ddpm.sample(bases)
+    finally:
+        handle.remove()
+    h = torch.stack(seen, dim=1).movedim(2, -1)  # (10, steps, 8, 8, 32)
+    pre = torch.relu((h - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    kept = pre.topk(sae.k, dim=-1)
+    acts = torch.zeros_like(pre).scatter(-1, kept.indices, kept.values)
+    mean = acts.flatten(1, 3).mean(1)  # (10 samples, 48 features)
+    live = 0
+    for k in range(4):
+        ex = adapter.example_set(k)
+        top = [item for item, group in zip(ex.meta["items"], ex.meta["groups"]) if group == "top"]
+        want = [j for j in torch.argsort(-mean[:, k], stable=True)[:3].tolist() if mean[j, k] > 0]
+        assert top == want, (k, top, want)
+        for j, item in enumerate(ex.meta["items"]):
+            assert abs(float(ex.activations[j]) - float(mean[item, k])) <= 1e-4 * max(1.0, float(mean[item, k]))
+        if top:
+            live += 1
+            rendered = (plain[top[0]] * 255).round()
+            assert ((ex.activating[0] * 255).round() - rendered).abs().max() <= 1  # the examples are the samples
+        for item in ex.meta["inactive_items"]:
+            assert mean[item, k] == 0
+    assert live >= 2  # else this test would prove little
+    out = tmp_path / "run"
+    pipe_dir = tmp_path / "ddpm"
+    DDIMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000)).save_pretrained(pipe_dir)
+    sae_dir = write_saelens(tmp_path / "sae", sae, "mid_block.output")
+    code = main(["explain", "--model", str(pipe_dir), "--sae", str(sae_dir), "--features", "0,1", "--steps", "3",
+                 "--t-edit", "300", "-o", "sampled_examples=8", "--samples", "3", "--out", str(out), "--quiet"])
+    assert code in (0, 1), capsys.readouterr().err
+    data = json.loads((out / "results.json").read_text())
+    assert data["adapter"]["examples"]["n_items"] == 8
+    assert all(e.get("examples") for e in data["latents"])
+
+
+def test_sampled_examples_of_axis_features_name_the_factor_each_latent_captures():
+    """A positive control for examples from the model's own samples: the ReLU identity SAE at the demo decoder's
+    input has f_k = max(z_k, 0), so feature k fires on the decoded samples with z_k > 0; where its example
+    explanation is clear it must name the factor latent k captures on the demo data."""
+    from latentexplainer_plugin.adapters.vae import VAEAdapter
+    from latentexplainer_plugin.evaluation.named import named_factors
+    from latentexplainer_plugin.demo import demo_data, load_demo_model
+    from latentexplainer_plugin.models.statistics import latent_stats
+
+    demo = load_demo_model()
+    data = demo_data(1000)
+    captured = [m.factor for m in latent_stats(demo, data["images"], data["factors"], data["factor_names"]).factors]
+    adapter = SAEFeatureAdapter(VAEAdapter(demo), SparseAutoencoder.identity(10), sampled_examples=600)
+    results = LatentExplainer(adapter, backend="offline", samples=5, bias="combination").attribute()
+    clear = 0
+    for r in results:
+        record = r.extras["examples"]
+        assert record["status"] == "ok" and record["n_firing"] > 0 and record["n_not_firing"] > 0
+        if record["clear"]:
+            clear += 1
+            assert captured[r.index] in named_factors(record), (r.id, record["explanation"], captured[r.index])
+    assert clear >= 3, [r.extras["examples"].get("explanation") for r in results]

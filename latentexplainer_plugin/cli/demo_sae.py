@@ -32,22 +32,10 @@ from typing import Any
 import numpy as np
 import torch
 
-# Claim attribute (uncertainty/claims.py) -> the shapes factor it describes.
-FACTOR_OF_CLAIM = {"horizontal_position": "x_position", "vertical_position": "y_position", "size": "scale",
-                   "orientation": "rotation", "colour": "hue", "background_brightness": "background",
-                   "background": "background", "shape": "shape"}
+from ..evaluation.named import named_factors
+
 DEFAULT_SITE = "decoder.fc.1.output"
 FOLLOWS_SEPARATION = 0.5  # |Cliff's delta| of a factor between firing and other images (AUC >= 0.75)
-
-
-def _kept_claims(record: dict[str, Any]) -> list[dict[str, Any]]:
-    """The claims of the kept answer of an examples record (empty when not clear)."""
-    if not record.get("clear"):
-        return []
-    for r in record.get("responses") or []:
-        if r.get("text") == record.get("explanation"):
-            return list(r.get("claims") or [])
-    return []
 
 
 def feature_truth(adapter: Any, images: np.ndarray, factors: np.ndarray, names: list[str],
@@ -150,7 +138,7 @@ def run_demo_sae(out: str | Path, *, site: str = DEFAULT_SITE, n_features: int =
         follows = entry.get("follows") or {}
         dead, factor, followed = bool(entry.get("dead")), follows.get("factor"), set(follows.get("followed") or [])
         counts["dense"] += bool(entry.get("dense"))
-        named = {FACTOR_OF_CLAIM.get(c.get("attribute")) for c in _kept_claims(record)}
+        named = named_factors(record)
         if dead:
             counts["dead"] += 1
             counts["examples clear among dead"] += bool(record.get("clear"))
@@ -194,4 +182,4 @@ def print_summary(summary: dict[str, Any]) -> None:
           + f"; {summary['total_s']:.0f} s in all")
 
 
-__all__ = ["DEFAULT_SITE", "FACTOR_OF_CLAIM", "FOLLOWS_SEPARATION", "feature_truth", "print_summary", "run_demo_sae"]
+__all__ = ["DEFAULT_SITE", "FOLLOWS_SEPARATION", "feature_truth", "print_summary", "run_demo_sae"]

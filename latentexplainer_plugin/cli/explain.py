@@ -330,6 +330,9 @@ def explain_model(args: argparse.Namespace, model: Any, adapter_name: str, heade
     if examples_only and not getattr(args, "data", None):
         raise UsageError(f"the {plan.adapter.name} adapter explains its latents from example images only: pass "
                          f"--data X.npz (images, and masks for IoU) to find where each fires")
+    if plan.sae is not None and plan.sae.options.get("sampled_examples") and getattr(args, "data", None):
+        raise UsageError("--data and -o sampled_examples: the examples come either from the data or from the model's "
+                         "own samples; choose one")
     data = load_npz(args.data) if getattr(args, "data", None) else None
     if data is not None and plan.finder is not None:
         check_data = getattr(plan.finder.factory, "check_data", None)

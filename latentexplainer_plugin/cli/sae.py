@@ -44,21 +44,13 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
     site = Site.parse(args.site) if args.site else adapter.site
     if args.update:  # the SAE's hook name says where it reads: steering edits the same update site
         site = Site(site.path, "update")
-    from ..sae.collect import collect_activations
+    from ..sae.collect import collect_from_adapter
     from ..sae.train import train_sae
 
     out = Path(args.out)
     bases = adapter.sample_bases(args.samples, seed=args.seed)
-    batches = [bases[i:i + args.batch_size].to(adapter.device) for i in range(0, len(bases), args.batch_size)]
-    calls = int(getattr(adapter, "n_calls", 1))  # a sampling loop calls the site once per step: keep every step
-    copies = int(getattr(adapter, "copies", 1))
-
-    def conditional(batch, activation):  # under guidance the site sees [uncond; cond]: keep the prompt's half
-        return activation[-len(batch):] if copies > 1 else activation
-
     try:
-        collect_activations(driver, site, batches, out / "activations", update=args.update, calls=calls,
-                            select=conditional if copies > 1 else None)
+        collect_from_adapter(adapter, site, bases, out / "activations", batch_size=args.batch_size, update=args.update)
         sae, report = train_sae(out / "activations", args.n_features, args.k, args.steps, seed=args.seed,
                                 out_dir=out, site=str(site))
     except ValueError as exc:

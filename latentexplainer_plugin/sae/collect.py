@@ -254,6 +254,25 @@ def collect_activations(
     return manifest
 
 
+def collect_from_adapter(adapter: Any, site: Site | str, bases: torch.Tensor, out_dir: str | Path, *,
+                         batch_size: int = 256, update: bool = False) -> "Manifest":
+    """Collect the activations at ``site`` while an adapter renders ``bases`` (item i = base i).
+
+    The adapter's ``driver`` runs the bases; a sampling loop calls the site once per step
+    (``n_calls``) and every call is kept; under classifier-free guidance (``copies`` > 1) the site
+    sees [uncond; cond] and only the conditional half is kept.
+    """
+    copies = int(getattr(adapter, "copies", 1))
+    dtype = getattr(adapter, "dtype", None) or torch.float32
+    batches = [bases[i:i + batch_size].to(adapter.device, dtype) for i in range(0, len(bases), batch_size)]
+
+    def conditional(batch: Any, activation: torch.Tensor) -> torch.Tensor:
+        return activation[-len(batch):]
+
+    return collect_activations(adapter.driver, site, batches, out_dir, update=update,
+                               calls=int(getattr(adapter, "n_calls", 1)), select=conditional if copies > 1 else None)
+
+
 class ActivationStore:
     """Read a collection back, one shard at a time (never the whole matrix unless asked)."""
 

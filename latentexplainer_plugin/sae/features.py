@@ -92,11 +92,14 @@ class SAEFeatureAdapter(Adapter):
         dense_frequency: float = Field(0.5, gt=0.0, le=1.0, description="a feature firing at more than this "
                                        "share of positions is dense")
         allow_pickle: bool = Field(False, description="accept dictionary_learning's ae.pt (weights_only=True)")
+        sampled_examples: int | None = Field(None, ge=2, le=1_000_000, description="example evidence without a "
+                                             "dataset: generate this many samples and show each feature those where it "
+                                             "fires most (and where it never fires)")
 
     def __init__(self, inner: Adapter, sae: SparseAutoencoder | str | Path, site: Site | str | None = None,
                  features: Sequence[int] | None = None, strengths: str = "quantiles", stats_bases: int | None = None,
                  stats_seed: int = 1, feature_axis: int | None = None, dense_frequency: float = 0.5,
-                 allow_pickle: bool = False):
+                 allow_pickle: bool = False, sampled_examples: int | None = None):
         validate_options(SAEFeatureAdapter.Options, {"strengths": strengths, "stats_bases": stats_bases, "stats_seed": stats_seed,
                                       "feature_axis": feature_axis, "dense_frequency": dense_frequency},
                          "the sae adapter")
@@ -133,6 +136,9 @@ class SAEFeatureAdapter(Adapter):
                                  f"{bad or 'an empty list'}")
         self._stats: dict[str, torch.Tensor] | None = None
         self._examples: dict[str, Any] | None = None  # attach_examples: store, index, images, masks, sizes
+        if sampled_examples is not None:
+            validate_options(SAEFeatureAdapter.Options, {"sampled_examples": sampled_examples}, "the sae adapter")
+            self.attach_sampled_examples(sampled_examples)
 
     def _choose_site(self, site: Site | str | None) -> Site:
         if isinstance(site, str):
@@ -274,6 +280,41 @@ class SAEFeatureAdapter(Adapter):
         stats = index.statistics(self.features)
         stats["dense"] = stats["position_frequency"] > self.dense_frequency
         self._stats = stats
+        return self
+
+    @torch.no_grad()
+    def attach_sampled_examples(self, n: int, seed: int = 2, batch: int | None = None, **options: Any) -> "SAEFeatureAdapter":
+        """Example evidence from the model's own samples, for models without a dataset (diffusion,
+        GANs): ``n`` bases drawn with ``seed`` (apart from the explanation bases, seed 0, and the
+        statistics', ``stats_seed``) are rendered, their activations at the site collected (every call
+        of the site: in a sampling loop every step, the conditional half under guidance), and the
+        rendered images serve as the dataset of :meth:`attach_examples` (``options``: its ``n_top``,
+        ``n_quantiles``, ``n_contrast``, ...). Rendering and collecting are two passes over the bases.
+        """
+        import tempfile
+
+        import numpy as np
+
+        from .collect import collect_from_adapter
+
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise ValueError(f"n must be an int >= 2 (samples to find examples among), got {n!r}")
+        inner = self.inner
+        bases = inner.sample_bases(n, seed=seed)
+        batch = batch or self._chunk()
+        images = []
+        for start in range(0, n, batch):  # alpha = 0 along a zero direction: the plain render, bit for bit
+            part = bases[start:start + batch]
+            plain = Edit("add", torch.zeros(len(part)), direction=torch.zeros(self.site_shape[1:]))
+            images.append(inner.render_edited(part, plain, self.site))
+        images = (torch.cat(images).permute(0, 2, 3, 1) * 255.0).round().to(torch.uint8).numpy()
+        if images.shape[-1] not in (1, 3):
+            raise ValueError(f"sampled examples need images with 1 or 3 channels, the model renders {images.shape[-1]}")
+        tmp = tempfile.TemporaryDirectory(prefix="latentexplainer-sampled-")
+        collect_from_adapter(inner, self.site, bases, tmp.name, batch_size=batch)
+        self.attach_examples(np.ascontiguousarray(images), store=tmp.name, **options)
+        self._examples["tmp"] = tmp  # removed with the adapter
+        self._examples["sampled"] = {"n": n, "seed": seed}
         return self
 
     @property
