@@ -527,9 +527,9 @@ class OpenAICompatBackend(Backend):
     def _run_all(self, fn: Callable[[Any], Any], items: list[Any], call: _Call, label: str) -> list[Any]:
         """``fn`` over ``items`` in threads. An exception from ``fn`` is raised after the others
         finish (a fatal one first stops new requests); Ctrl-C / SIGTERM (raised in the waiting
-        thread) ends the requests in flight at once and does not wait for their threads."""
-        if len(items) == 1:
-            return [fn(items[0])]
+        thread) ends the requests in flight at once and does not wait for their threads. One item
+        runs in a thread too: the main thread must stay free to take a signal the kernel delivered to
+        another thread (blocked in a socket read it would wait for the response)."""
         pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(items)), thread_name_prefix=label)
         futures = [pool.submit(fn, item) for item in items]
         try:
