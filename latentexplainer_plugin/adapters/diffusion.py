@@ -107,6 +107,16 @@ class SamplingLoop(nn.Module):
         return self.decode(x)
 
 
+def move(module: nn.Module, device: str | torch.device | None, dtype: torch.dtype | None) -> nn.Module:
+    """``module.to(device, dtype)``, passing only what changes: diffusers models warn on any
+    ``.to(dtype=...)`` call (even to the dtype they have)."""
+    current = next(module.parameters(), None)
+    moves: dict[str, Any] = {"device": device} if device is not None else {}
+    if dtype is not None and (current is None or current.dtype != dtype):
+        moves["dtype"] = dtype
+    return module.to(**moves) if moves else module
+
+
 def _is_local(path: str | Path) -> bool:
     p = Path(path)
     return p.exists() or str(path).startswith((".", "/", "~")) or p.is_absolute()
@@ -284,8 +294,7 @@ class DDPMAdapter(Adapter):
         if calibration_samples < 2:
             raise ValueError(f"calibration_samples must be >= 2 (a standard deviation needs two samples), got {calibration_samples}")
         self.dtype = parse_dtype(dtype)
-        if device is not None or self.dtype is not None:
-            model = model.to(device=device, dtype=self.dtype)
+        model = move(model, device, self.dtype)
         self.unet = model.eval()
         self.device = next(self.unet.parameters()).device
         self.dtype = next(self.unet.parameters()).dtype

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..options import NonNegativeFloat
 from ..safe_load import LoadError
-from .diffusion import DDPMAdapter, DDPMOptions, SamplingLoop, parse_dtype
+from .diffusion import DDPMAdapter, DDPMOptions, SamplingLoop, move, parse_dtype
 
 
 class GuidedSamplingLoop(SamplingLoop):
@@ -116,7 +116,7 @@ class StableDiffusionAdapter(DDPMAdapter):
         self.prompt, self.negative_prompt, self.guidance_scale = prompt, negative_prompt, float(guidance_scale)
         self.copies = 2 if self.guidance_scale > 1.0 else 1
         target = parse_dtype(dtype)
-        self.vae = vae.to(device=device, dtype=target).eval() if (device is not None or target is not None) else vae.eval()
+        self.vae = move(vae, device, target).eval()
         self.text_encoder = text_encoder.to(device=device).eval() if device is not None else text_encoder.eval()
         self.tokenizer = tokenizer
         super().__init__(model, scheduler, device=device, dtype=dtype, model_id=model_id, **options)
