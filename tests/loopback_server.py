@@ -170,6 +170,7 @@ class LoopbackServer:
         slow_rate: float = 0.0,
         slow_delay: float = 0.1,
         seed: int = 0,
+        port: int = 0,
     ) -> None:
         self.answer = answer
         self.supports_n = supports_n
@@ -182,6 +183,7 @@ class LoopbackServer:
         self.slow_rate = slow_rate
         self.slow_delay = slow_delay
         self.seed = seed
+        self.bind_port = port  # 0: any free port
         self.prompt_tokens = 50  # usage of every normal answer: 50 per request, 7 per choice
         self.completion_tokens = 7
         self.requests: list[RecordedRequest] = []
@@ -199,7 +201,7 @@ class LoopbackServer:
         class Handler(_Handler):
             owner = server
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", self.bind_port), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()

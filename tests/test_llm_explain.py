@@ -536,3 +536,38 @@ def test_sigterm_with_requests_in_flight_exits_130_within_seconds_and_resumes(ti
         server.respond = None
         assert run(tiny_vae, server, out, "--cache-dir", str(cache), "--timeout", "60", "--concurrency", "1", "--resume") == 0
         assert sorted(latent_of(r) for r in server.chat_requests) == ["z1", "z2"]  # z0 came from the cache
+
+
+def test_a_server_gone_mid_run_stops_it_keeps_what_finished_and_resume_completes(tiny_vae, tmp_path, capsys):
+    """The server answers latent z0, then goes away (connections refused): the run stops at once with
+    exit 2 instead of failing latent after latent through every retry; z0 is kept; once the server is
+    back (same address), --resume explains only the rest."""
+    out = tmp_path / "run"
+    chats = []
+
+    def respond(req):
+        if req.path.endswith("/chat/completions"):
+            chats.append(req)
+            if len(chats) == 2:  # the request for z1: the server goes down under it
+                server.stop()
+                return Reply(drop=True)
+        return None
+
+    server = LoopbackServer(answer=answer, respond=respond).start()
+    port = server.port
+    try:
+        code = run(tiny_vae, server, out, "--no-cache", "--concurrency", "1", "--max-retries", "2")
+    finally:
+        server.stop()
+    err = capsys.readouterr().err
+    assert code == 2 and len(chats) == 2, err  # z1's retries met a refused connection: no request for z2
+    assert f"cannot reach http://127.0.0.1:{port}/v1/chat/completions after 3 attempts" in err
+    assert "so the run stops here" in err and "fix the cause, then rerun the same command with --resume" in err
+    data = read_results(out / "results.json")
+    assert "cannot reach" in data["stopped"] and data["status"] != "complete"
+    assert [e["id"] for e in data["latents"] if e["status"] == "ok"] == ["z0"]
+    with LoopbackServer(answer=answer, port=port) as again:
+        assert run(tiny_vae, again, out, "--no-cache", "--concurrency", "1", "--max-retries", "2", "--resume") == 0, capsys.readouterr().err
+        asked = [latent_of(r) for r in again.chat_requests]
+    assert asked == ["z1", "z2"]
+    assert {e["id"]: e["status"] for e in read_results(out / "results.json")["latents"]} == {"z0": "ok", "z1": "ok", "z2": "ok"}

@@ -243,8 +243,9 @@ def test_unreachable_server_raises_backend_error():
     with OpenAICompatBackend(model="m", base_url=url, max_retries=1, backoff_base=0.01, timeout=2) as backend:
         with pytest.raises(BackendError, match="cannot reach"):
             backend.explain(traversal, prompt, 1)
-        results = backend.explain_many([(traversal, prompt, 1)])
-    assert isinstance(results[0], BackendError)
+        # refused through every retry: every further request would be too, so explain_many stops the run
+        with pytest.raises(FatalBackendError, match="every further request would fail too, so the run stops here"):
+            backend.explain_many([(traversal, prompt, 1), (traversal, prompt, 1)])
 
 
 def test_key_never_leaks(loopback):

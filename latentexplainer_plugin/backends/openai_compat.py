@@ -637,8 +637,10 @@ class OpenAICompatBackend(Backend):
                 log.debug("attempt %d failed (%s); retrying in %.2f s", attempts, last_error, delay)
                 call.stop.wait(delay)
         call.check()
-        if unreachable:
-            raise BackendError(f"cannot reach {self.url} after {attempts} attempts: {last_error}")
+        if unreachable:  # connection refused through every retry: each further request would fail the same way
+            raise FatalBackendError(f"cannot reach {self.url} after {attempts} attempts: {last_error}. The server is "
+                                    "down or its address is wrong: every further request would fail too, so the run "
+                                    "stops here (finished latents are kept; start the server, then resume the run)")
         raise _RequestFailed(f"{last_error} (gave up after {attempts} attempts)", attempts)
 
     def _attempt(self, client: httpx.Client, body: dict, call: _Call, attempts: int) -> tuple[dict, int, float] | _Retry:
