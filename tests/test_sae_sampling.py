@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDIMPipeline, UNet2DModel
@@ -337,15 +338,36 @@ def test_frequency_ranking_and_the_cli_top_k(tmp_path, capsys):
     assert code == 2 and "--rank-by frequency ranks SAE features" in capsys.readouterr().err
 
 
-def test_example_evidence_in_a_sampling_loop_needs_an_activation_collection(ddpm, unet, tmp_path, capsys):
+def test_example_evidence_from_images_in_a_sampling_loop_goes_through_inversion(ddpm, unet):
+    """A dataset's images reach the site of a sampling loop by inverting them (the noises that sampling
+    turns into them) and regenerating: the example items and activations equal that path done by hand."""
     from latentexplainer_plugin.errors import SiteError
-    from latentexplainer_plugin.sae.examples import ExamplesError
 
-    adapter = SAEFeatureAdapter(ddpm, topk_sae(32), features=[0], stats_bases=2)
-    images = (torch.rand(4, 16, 16, 3) * 255).to(torch.uint8).numpy()
-    with pytest.raises(ExamplesError, match=r"the ddpm adapter samples from noise, so images have no encoder to the site "
-                                            r"mid_block.output: give example evidence as an activation collection \(store=\)"):
-        adapter.attach_examples(images)
+    sae = topk_sae(32, seed=5)
+    adapter = SAEFeatureAdapter(ddpm, sae, features=[0, 1, 2], stats_bases=2)
+    images = (ddpm.sample(ddpm.sample_bases(8, seed=6)).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    adapter.attach_examples(images, n_top=3, n_quantiles=2, n_contrast=2)
+    noises = ddpm.invert(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0)
+    seen = []
+    handle = unet.mid_block.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    try:
+        ddpm.sample(noises)
+    finally:
+        handle.remove()
+    h = torch.stack(seen, dim=1).movedim(2, -1)  # (8, steps, 8, 8, 32)
+    pre = torch.relu((h - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    kept = pre.topk(sae.k, dim=-1)
+    mean = torch.zeros_like(pre).scatter(-1, kept.indices, kept.values).flatten(1, 3).mean(1)  # (8, 48)
+    for k in range(3):
+        ex = adapter.example_set(k)
+        top = [item for item, group in zip(ex.meta["items"], ex.meta["groups"]) if group == "top"]
+        assert top == [j for j in torch.argsort(-mean[:, k], stable=True)[:3].tolist() if mean[j, k] > 0]
+        for j, item in enumerate(ex.meta["items"]):
+            assert abs(float(ex.activations[j]) - float(mean[item, k])) <= 1e-4 * max(1.0, float(mean[item, k]))
+        if top:  # the examples shown are the dataset's images themselves
+            assert ((ex.activating[0] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy() == images[top[0]]).all()
+    with pytest.raises(ValueError, match=r"images must have shape \(n, 3, 16, 16\)"):
+        SAEFeatureAdapter(ddpm, sae, features=[0], stats_bases=2).attach_examples(np.zeros((2, 8, 8, 3), np.uint8))
     with pytest.raises(SiteError, match="UNet2DModel"):  # the user's model named, not the sampling driver
         SAEFeatureAdapter(ddpm, topk_sae(32), site="no_such_block.output")
 

@@ -254,17 +254,23 @@ def collect_activations(
     return manifest
 
 
-def collect_from_adapter(adapter: Any, site: Site | str, bases: torch.Tensor, out_dir: str | Path, *,
-                         batch_size: int = 256, update: bool = False) -> "Manifest":
+def collect_from_adapter(adapter: Any, site: Site | str, bases: torch.Tensor | Callable[[], Iterable[torch.Tensor]],
+                         out_dir: str | Path, *, batch_size: int = 256, update: bool = False) -> "Manifest":
     """Collect the activations at ``site`` while an adapter renders ``bases`` (item i = base i).
 
-    The adapter's ``driver`` runs the bases; a sampling loop calls the site once per step
-    (``n_calls``) and every call is kept; under classifier-free guidance (``copies`` > 1) the site
-    sees [uncond; cond] and only the conditional half is kept.
+    ``bases``: a tensor (split into batches of ``batch_size``) or a callable yielding batches (to
+    stream bases made on the fly, e.g. encoded or inverted images). The adapter's ``driver`` runs
+    them; a sampling loop calls the site once per step (``n_calls``) and every call is kept; under
+    classifier-free guidance (``copies`` > 1) the site sees [uncond; cond] and only the conditional
+    half is kept.
     """
     copies = int(getattr(adapter, "copies", 1))
     dtype = getattr(adapter, "dtype", None) or torch.float32
-    batches = [bases[i:i + batch_size].to(adapter.device, dtype) for i in range(0, len(bases), batch_size)]
+
+    def batches() -> Iterator[torch.Tensor]:
+        source = bases() if callable(bases) else (bases[i:i + batch_size] for i in range(0, len(bases), batch_size))
+        for batch in source:
+            yield batch.to(adapter.device, dtype)
 
     def conditional(batch: Any, activation: torch.Tensor) -> torch.Tensor:
         return activation[-len(batch):]

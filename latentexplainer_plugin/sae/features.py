@@ -221,9 +221,11 @@ class SAEFeatureAdapter(Adapter):
 
         ``images``: (N, H, W, 3) uint8 (the npz layout), item i of the activation collection is image i.
         ``store``: an activation collection (:mod:`~latentexplainer_plugin.sae.collect`) at this site;
-        None: the images are encoded (``encode(x) -> latents``, default the inner model's ``encode``,
-        first output, on images scaled to [0, 1] as (N, C, H, W)) and the decoder is run on the
-        latents up to the site, collected into a temporary directory. ``masks``: (N, H, W) bool
+        None: the images are encoded (``encode(x) -> bases``, default the inner model's ``encode``,
+        first output, or for a sampling loop the adapter's ``invert``, on images scaled to [0, 1] as
+        (N, C, H, W)) and rendered by the inner adapter, the activations at the site collected into a
+        temporary directory (a sampling loop: every step of the inverted images' regeneration,
+        approximately the images). ``masks``: (N, H, W) bool
         object masks (IoU of the activation masks in ``ExampleSet.meta["iou"]``). Per feature the
         set holds ``n_top`` top and ``n_quantiles`` quantile examples and ``n_contrast`` images
         where it never fires (:func:`~latentexplainer_plugin.sae.examples.index_examples`).
@@ -234,7 +236,7 @@ class SAEFeatureAdapter(Adapter):
 
         import numpy as np
 
-        from .collect import ActivationStore, collect_activations
+        from .collect import ActivationStore, collect_from_adapter
         from .examples import ExamplesError, index_examples
 
         images = np.asarray(images)
@@ -250,23 +252,16 @@ class SAEFeatureAdapter(Adapter):
                 raise ExamplesError(f"{name} must be an int >= 1, got {value!r}")
         tmp = None
         if store is None:
-            if self.sampling_loop and encode is None:
-                raise ExamplesError(f"the {self.inner.name} adapter samples from noise, so images have no encoder to the "
-                                    f"site {self.site}: give example evidence as an activation collection (store=) at the "
-                                    "site whose item i is image i")
-            encoder = encode if encode is not None else getattr(getattr(self.inner, "model", None), "encode", None)
-            if not callable(encoder):
-                raise ExamplesError(f"{self._model_name()} has no encode(); give an activation collection "
-                                    "(store=) at the site, or encode= (images -> latents)")
+            encoder = encode if encode is not None else self._image_encoder()
             tmp = tempfile.TemporaryDirectory(prefix="latentexplainer-examples-")
 
-            def latents():
+            def bases():
                 for start in range(0, len(images), batch):
                     x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch])).permute(0, 3, 1, 2).float() / 255.0
                     z = encoder(x.to(self.inner.device))
                     yield (z[0] if isinstance(z, (tuple, list)) else z).float()
 
-            collect_activations(self.inner.driver, self.site, latents, tmp.name)
+            collect_from_adapter(self.inner, self.site, bases, tmp.name)
             store = tmp.name
         store = store if isinstance(store, ActivationStore) else ActivationStore(store)
         if store.manifest.n_items != len(images):
@@ -281,6 +276,24 @@ class SAEFeatureAdapter(Adapter):
         stats["dense"] = stats["position_frequency"] > self.dense_frequency
         self._stats = stats
         return self
+
+    def _image_encoder(self) -> Any:
+        """Images (n, C, H, W) in [0, 1] -> the bases the inner adapter renders them from: the model's
+        ``encode`` (a VAE), or the sampler run backwards (``invert``, adapters with ``inversion``)."""
+        from .examples import ExamplesError
+
+        if self.sampling_loop:
+            if "inversion" not in self.inner.capabilities:
+                raise ExamplesError(f"the {self.inner.name} adapter samples from noise and cannot invert images, so images "
+                                    f"have no way to the site {self.site}: give example evidence as an activation "
+                                    "collection (store=) whose item i is image i, or use the model's own samples "
+                                    "(attach_sampled_examples)")
+            return self.inner.invert  # deterministic inversion: the noises that sampling turns into the images
+        encoder = getattr(getattr(self.inner, "model", None), "encode", None)
+        if not callable(encoder):
+            raise ExamplesError(f"{self._model_name()} has no encode(); give an activation collection "
+                                "(store=) at the site, or encode= (images -> latents)")
+        return encoder
 
     @torch.no_grad()
     def attach_sampled_examples(self, n: int, seed: int = 2, batch: int | None = None, **options: Any) -> "SAEFeatureAdapter":
