@@ -66,13 +66,31 @@ def write_saelens(folder, sae, hook_name=None):
     return folder
 
 
-def steer_by_hand(h, sae, k, a):
-    """h (..., d_in) vectors: h + (a - f_k(h)) W_dec[k], f from the SAE's encoder written out (standard or topk)."""
+def encode_by_hand(h, sae):
+    """f(h) for vectors h (..., d_in): the SAE's encoder written out (standard ReLU, or topk)."""
     pre = torch.relu((h - sae.b_dec) @ sae.W_enc + sae.b_enc)
     if sae.architecture == "topk":
         kept = pre.topk(sae.k, dim=-1)
         pre = torch.zeros_like(pre).scatter(-1, kept.indices, kept.values)
-    return h + (a - pre[..., k:k + 1]) * sae.W_dec[k]
+    return pre
+
+
+def mean_activations_by_hand(ddpm, module, bases, sae):
+    """Per base, each feature's mean activation over the positions of ``module``'s output (B, C, H, W) and
+    every sampling step, read with a forward hook: (n bases, d_sae)."""
+    seen = []
+    handle = module.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    try:
+        ddpm.sample(bases)
+    finally:
+        handle.remove()
+    h = torch.stack(seen, dim=1).movedim(2, -1)  # (n, steps, H, W, C)
+    return encode_by_hand(h, sae).flatten(1, 3).mean(1)
+
+
+def steer_by_hand(h, sae, k, a):
+    """h (..., d_in) vectors: h + (a - f_k(h)) W_dec[k], f from the SAE's encoder written out (standard or topk)."""
+    return h + (a - encode_by_hand(h, sae)[..., k:k + 1]) * sae.W_dec[k]
 
 
 def sample_with_hook(adapter, module, bases, edit_vectors):
@@ -177,9 +195,7 @@ def test_statistics_are_peaks_over_positions_and_edited_steps(ddpm, unet):
         handle.remove()
     window = torch.stack([seen[i] for i in sorted(WINDOW)], dim=1)  # (3 bases, 2 steps, 32, 8, 8)
     h = window.movedim(2, -1)  # (3, 2, 8, 8, 32)
-    pre = torch.relu((h - sae.b_dec) @ sae.W_enc + sae.b_enc)
-    kept = pre.topk(sae.k, dim=-1)
-    acts = torch.zeros_like(pre).scatter(-1, kept.indices, kept.values)[..., [0, 9, 30]]
+    acts = encode_by_hand(h, sae)[..., [0, 9, 30]]
     peak = acts.flatten(1, 3).amax(dim=1)  # (3 bases, 3 features): over steps and positions
     stats = adapter.stats
     assert torch.allclose(stats["max"], peak.amax(dim=0), rtol=1e-4, atol=1e-5)
@@ -348,16 +364,7 @@ def test_example_evidence_from_images_in_a_sampling_loop_goes_through_inversion(
     images = (ddpm.sample(ddpm.sample_bases(8, seed=6)).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
     adapter.attach_examples(images, n_top=3, n_quantiles=2, n_contrast=2)
     noises = ddpm.invert(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0)
-    seen = []
-    handle = unet.mid_block.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
-    try:
-        ddpm.sample(noises)
-    finally:
-        handle.remove()
-    h = torch.stack(seen, dim=1).movedim(2, -1)  # (8, steps, 8, 8, 32)
-    pre = torch.relu((h - sae.b_dec) @ sae.W_enc + sae.b_enc)
-    kept = pre.topk(sae.k, dim=-1)
-    mean = torch.zeros_like(pre).scatter(-1, kept.indices, kept.values).flatten(1, 3).mean(1)  # (8, 48)
+    mean = mean_activations_by_hand(ddpm, unet.mid_block, noises, sae)  # (8 images, 48 features)
     for k in range(3):
         ex = adapter.example_set(k)
         top = [item for item, group in zip(ex.meta["items"], ex.meta["groups"]) if group == "top"]
@@ -379,18 +386,7 @@ def test_examples_from_the_models_own_samples(ddpm, unet, tmp_path, capsys):
     assert adapter.has_examples and adapter.describe()["stats_source"] == "data"
     bases = ddpm.sample_bases(10, seed=4)
     plain = ddpm.sample(bases)
-    # the reference: per sample, each feature's mean activation over positions and every step, read by a hook
-    seen = []
-    handle = unet.mid_block.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
-    try:
-        ddpm.sample(bases)
-    finally:
-        handle.remove()
-    h = torch.stack(seen, dim=1).movedim(2, -1)  # (10, steps, 8, 8, 32)
-    pre = torch.relu((h - sae.b_dec) @ sae.W_enc + sae.b_enc)
-    kept = pre.topk(sae.k, dim=-1)
-    acts = torch.zeros_like(pre).scatter(-1, kept.indices, kept.values)
-    mean = acts.flatten(1, 3).mean(1)  # (10 samples, 48 features)
+    mean = mean_activations_by_hand(ddpm, unet.mid_block, bases, sae)  # (10 samples, 48 features)
     live = 0
     for k in range(4):
         ex = adapter.example_set(k)
