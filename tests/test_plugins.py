@@ -335,3 +335,17 @@ def test_a_plugin_factory_that_raises_is_named_in_the_error(broken_plugin, tiny_
                  "--backend", "flaky", "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and "backend 'flaky' from plugin broken (le-broken-plugin) failed" in err and "Traceback" not in err
+
+
+def test_plugins_shows_the_sae_feature_source_selected_by_a_flag(capsys):
+    from latentexplainer_plugin.cli import main
+    from latentexplainer_plugin.sae import SAEFeatureAdapter
+
+    assert main(["plugins", "--options", "sae"]) == 0
+    out = capsys.readouterr().out
+    assert "feature source, selected by --sae PATH: sae; capabilities: sae_features" in out
+    for option in SAEFeatureAdapter.Options.model_fields:  # every declared option, with its help
+        assert f"  -o {option}=<" in out
+    assert "edit rule sae (latentexplainer-plugin)" in out  # the edit rule of the same name is still shown
+    assert main(["plugins"]) == 0
+    assert "sae              feature source, selected by --sae PATH" in capsys.readouterr().out.split("selected by a flag:")[1]
