@@ -57,7 +57,7 @@ MAX_SAE_VALUES = 2**25  # feature activations held at once (128 MiB in float32) 
 
 
 class SAEFeatureAdapter(Adapter):
-    """Explain the features of a sparse autoencoder at a site of a VAE or generator.
+    """Explain the features of a sparse autoencoder at a site of a generative model (a decoder or a sampling loop).
 
     Args:
         inner: an adapter with the ``site_edits`` capability (it supplies the bases and renders the edits).
