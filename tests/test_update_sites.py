@@ -129,10 +129,10 @@ def test_a_set_edit_at_the_update_site_equals_inputs_plus_set_of_the_update(unet
     ref, _ = run_with_hooks(a, bases, set_update)
     edit = Edit("set", strengths, index=index, calls=a.edit_calls)
     x = bases.to(dtype)
-    got = a._to_images(run_with_edit(a.driver, a.site, edit, x, calls=a.n_calls))
+    got = a.output_to_images(run_with_edit(a.driver, a.site, edit, x, calls=a.n_calls))
     assert (got - ref).abs().max() <= TOLS[dtype]
     # not the same as setting the output coordinate: the update site steers the update
-    at_output = a._to_images(run_with_edit(a.driver, Site("mid_block", "output"), edit, x, calls=a.n_calls))
+    at_output = a.output_to_images(run_with_edit(a.driver, Site("mid_block", "output"), edit, x, calls=a.n_calls))
     assert (got - at_output).abs().max() > 1e-3
 
 

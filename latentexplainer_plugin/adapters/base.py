@@ -79,6 +79,8 @@ class Adapter(ABC):
     #       (a decoder: its one call; a sampling loop: every step of the edit window)
     #   site_activations(bases, site=None) -> (B, calls, *item shape): the activation at ``site``
     #       on those same calls
+    #   output_to_images(output) -> images (B, C, H, W) in [0, 1]: the driver's output as images
+    #       (sampled examples render and collect in one pass with it)
     # They also carry ``driver`` (the module whose forward renders bases), ``site`` and ``max_batch``.
 
     def latent_statistics(self, data: dict[str, Any]) -> Any:

@@ -425,7 +425,8 @@ class DDPMAdapter(Adapter):
 
     # -- sampling ------------------------------------------------------------------------------
 
-    def _to_images(self, x: torch.Tensor) -> torch.Tensor:
+    def output_to_images(self, x: torch.Tensor) -> torch.Tensor:
+        """The driver's output (images in [-1, 1]) as images in [0, 1] on the CPU."""
         return ((x.float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0)
 
     @torch.no_grad()
@@ -433,7 +434,7 @@ class DDPMAdapter(Adapter):
         """Plain sampling from x_T (no edit, no nnsight): images (n, C, H, W) in [0, 1]."""
         bases = self._check_bases(bases)
         out = [self.driver(chunk.to(self.device, self.dtype)) for chunk in bases.split(self.max_batch)]
-        return self._to_images(torch.cat(out))
+        return self.output_to_images(torch.cat(out))
 
     @torch.no_grad()
     def sample_edited(self, bases: torch.Tensor, strengths: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
@@ -463,7 +464,7 @@ class DDPMAdapter(Adapter):
             part = replace(repeat_edit(part, self.copies, len(item_shape)), calls=self.edit_calls)
             expected = (self.copies * len(x), *item_shape)
             out.append(run_with_edit(self.driver, site, part, x, calls=self.n_calls, expected_shape=expected))
-        return self._to_images(torch.cat(out))
+        return self.output_to_images(torch.cat(out))
 
     def capture_h(self, bases: torch.Tensor, window_only: bool = True, site: Site | None = None) -> torch.Tensor:
         """h at ``site`` (default: the latent site) for every step (in the edit window),

@@ -174,7 +174,11 @@ class VAEAdapter(Adapter):
             item_shape = self._site_features(zb, site)
             part = edit_items(edit, slice(start, start + self.max_batch), len(item_shape))
             chunks.append(run_with_edit(self.driver, site, part, zb, expected_shape=(len(zb), *item_shape)).float().cpu())
-        images = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        return self.output_to_images(chunks[0] if len(chunks) == 1 else torch.cat(chunks))
+
+    def output_to_images(self, output: torch.Tensor) -> torch.Tensor:
+        """The driver's output (images in ``output_range``) as images in [0, 1] on the CPU."""
+        images = output.float().cpu()
         lo, hi = self.output_range
         if (lo, hi) != (0.0, 1.0):
             images = (images - lo) / (hi - lo)

@@ -255,14 +255,16 @@ def collect_activations(
 
 
 def collect_from_adapter(adapter: Any, site: Site | str, bases: torch.Tensor | Callable[[], Iterable[torch.Tensor]],
-                         out_dir: str | Path, *, batch_size: int = 256, update: bool = False) -> "Manifest":
+                         out_dir: str | Path, *, batch_size: int = 256, update: bool = False,
+                         images: list[torch.Tensor] | None = None) -> "Manifest":
     """Collect the activations at ``site`` while an adapter renders ``bases`` (item i = base i).
 
     ``bases``: a tensor (split into batches of ``batch_size``) or a callable yielding batches (to
     stream bases made on the fly, e.g. encoded or inverted images). The adapter's ``driver`` runs
     them; a sampling loop calls the site once per step (``n_calls``) and every call is kept; under
     classifier-free guidance (``copies`` > 1) the site sees [uncond; cond] and only the conditional
-    half is kept.
+    half is kept. ``images``: a list that receives each batch's rendered images (the driver's output
+    through the adapter's ``output_to_images``, in [0, 1]), read in the same pass.
     """
     copies = int(getattr(adapter, "copies", 1))
     dtype = getattr(adapter, "dtype", None) or torch.float32
@@ -275,8 +277,16 @@ def collect_from_adapter(adapter: Any, site: Site | str, bases: torch.Tensor | C
     def conditional(batch: Any, activation: torch.Tensor) -> torch.Tensor:
         return activation[-len(batch):]
 
-    return collect_activations(adapter.driver, site, batches, out_dir, update=update,
-                               calls=int(getattr(adapter, "n_calls", 1)), select=conditional if copies > 1 else None)
+    handle = None
+    if images is not None:  # a plain forward hook on the driver sees its output inside the trace
+        handle = adapter.driver.register_forward_hook(
+            lambda module, args, output: images.append(adapter.output_to_images(output.detach())))
+    try:
+        return collect_activations(adapter.driver, site, batches, out_dir, update=update,
+                                   calls=int(getattr(adapter, "n_calls", 1)), select=conditional if copies > 1 else None)
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 class ActivationStore:

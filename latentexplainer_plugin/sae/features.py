@@ -302,7 +302,8 @@ class SAEFeatureAdapter(Adapter):
         statistics', ``stats_seed``) are rendered, their activations at the site collected (every call
         of the site: in a sampling loop every step, the conditional half under guidance), and the
         rendered images serve as the dataset of :meth:`attach_examples` (``options``: its ``n_top``,
-        ``n_quantiles``, ``n_contrast``, ...). Rendering and collecting are two passes over the bases.
+        ``n_quantiles``, ``n_contrast``, ...). One pass over the bases renders and collects (the
+        adapter's ``output_to_images`` turns the driver's output into the images).
         """
         import tempfile
 
@@ -313,18 +314,18 @@ class SAEFeatureAdapter(Adapter):
         if isinstance(n, bool) or not isinstance(n, int) or n < 2:
             raise ValueError(f"n must be an int >= 2 (samples to find examples among), got {n!r}")
         inner = self.inner
+        if not callable(getattr(inner, "output_to_images", None)):
+            raise TypeError(f"sampled examples need the {inner.name} adapter's output_to_images(output) (its driver's "
+                            "output as images in [0, 1]), as VAEAdapter and DDPMAdapter have")
         bases = inner.sample_bases(n, seed=seed)
         batch = batch or self._chunk()
-        images = []
-        for start in range(0, n, batch):  # alpha = 0 along a zero direction: the plain render, bit for bit
-            part = bases[start:start + batch]
-            plain = Edit("add", torch.zeros(len(part)), direction=torch.zeros(self.site_shape[1:]))
-            images.append(inner.render_edited(part, plain, self.site))
-        images = (torch.cat(images).permute(0, 2, 3, 1) * 255.0).round().to(torch.uint8).numpy()
-        if images.shape[-1] not in (1, 3):
-            raise ValueError(f"sampled examples need images with 1 or 3 channels, the model renders {images.shape[-1]}")
         tmp = tempfile.TemporaryDirectory(prefix="latentexplainer-sampled-")
-        collect_from_adapter(inner, self.site, bases, tmp.name, batch_size=batch)
+        rendered: list[torch.Tensor] = []
+        collect_from_adapter(inner, self.site, bases, tmp.name, batch_size=batch, images=rendered)
+        images = (torch.cat(rendered).permute(0, 2, 3, 1) * 255.0).round().to(torch.uint8).numpy()
+        if images.shape[-1] not in (1, 3) or len(images) != n:
+            raise ValueError(f"sampled examples need {n} images with 1 or 3 channels, the model rendered "
+                             f"{tuple(images.shape)}")
         self.attach_examples(np.ascontiguousarray(images), store=tmp.name, **options)
         self._examples["tmp"] = tmp  # removed with the adapter
         self._examples["sampled"] = {"n": n, "seed": seed}
