@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..errors import OptionError, UnknownComponentError, UsageError
+from ..errors import OptionError, UsageError
 from ..options import capabilities_of
 from .common import _parse_floats, _parse_ints, check_device, in_flag_words
-from .routing import Selected, flags_given, render, route, validate
+from .routing import Selected, flags_given, render, route, select_component, validate
 
 
 @dataclass
@@ -37,15 +37,6 @@ class Plan:
     strengths: list[float] | None
     latents: list[int] | None
     context: dict[str, Any]
-
-
-def _select(kind: str, registry_kind: str, name: str) -> Selected:
-    from ..plugins import registry
-
-    try:
-        return Selected(kind, name, registry(registry_kind).get(name).factory)
-    except UnknownComponentError as exc:
-        raise UsageError(str(exc)) from None
 
 
 def _adapter_name(args: argparse.Namespace) -> str:
@@ -130,8 +121,8 @@ def plan_explain(args: argparse.Namespace, adapter_name: str) -> Plan:
         backend_name, backend_arg = parse_backend_spec(args.backend)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    adapter = _select("adapter", "adapters", adapter_name)
-    backend = _select("backend", "backends", backend_name)
+    adapter = select_component("adapter", "adapters", adapter_name)
+    backend = select_component("backend", "backends", backend_name)
     sae = None
     if getattr(args, "sae", None):
         from ..sae import SAEFeatureAdapter
@@ -163,7 +154,7 @@ def plan_explain(args: argparse.Namespace, adapter_name: str) -> Plan:
     bias_name = args.bias or ("combination" if finder is not None and "latent_axes" in adapter.capabilities
                               else getattr(explained.factory, "default_bias", "disentanglement"))
     args.bias = bias_name
-    bias = _select("bias", "biases", bias_name)
+    bias = select_component("bias", "biases", bias_name)
     components = [c for c in (backend, adapter, sae, finder) if c is not None]
     route(components, flags_given(args), list(getattr(args, "options", None) or []), {"device": args.device})
     if finder is not None:

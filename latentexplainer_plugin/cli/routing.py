@@ -113,6 +113,18 @@ def route(components: list[Selected], flags: dict[str, Any], pairs: list[str], c
                     c.given_as[option] = flag
 
 
+def select_component(kind: str, registry_kind: str, name: str) -> Selected:
+    """The registered component ``name`` of ``registry_kind`` as a :class:`Selected`; an unknown name is a
+    UsageError listing the registered ones."""
+    from ..errors import UnknownComponentError
+    from ..plugins import registry
+
+    try:
+        return Selected(kind, name, registry(registry_kind).get(name).factory)
+    except UnknownComponentError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def name_of(component: Selected):
     """How to name an option of ``component`` in a message: as the user gave it, else its flag."""
     flags = {option: flag for flag, option in FLAG_OPTIONS.items()}

@@ -27,11 +27,10 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag} must be >= {low}, got {value}")
     if args.k > args.n_features:
         raise UsageError(f"-k ({args.k}) cannot exceed --n-features ({args.n_features})")
-    from .explain import _select
-    from .routing import route, validate
+    from .routing import route, select_component, validate
 
     name = args.adapter or hook().latentexplainer_adapter_for(model=str(args.model))
-    selected = _select("adapter", "adapters", name)
+    selected = select_component("adapter", "adapters", name)
     route([selected], {}, list(args.options or []), {"device": args.device})
     validate([selected])  # -o options checked against the adapter's declaration before it loads
     try:
