@@ -149,11 +149,16 @@ def random_unet_family(size: int, samples: int, n_directions: int, seed: int = 0
 
 
 def random_unet_sae_family(size: int, samples: int, n_features: int = 8, seed: int = 0,
-                           sampled_examples: int = 128) -> list[Row]:
-    """SAE features of a random UNet's h-space: a random TopK SAE (128 features, k=8) at mid_block.output,
-    each feature steered on every step of the edit window and shown its examples among ``sampled_examples``
-    of the model's own samples. Nothing here means anything: every row is a negative, and a row is clear
-    when either kind of evidence gives a clear explanation (``extra["examples_clear"]`` says which)."""
+                           sampled_examples: int = 128, sparse: bool = False) -> list[Row]:
+    """SAE features of a random UNet's h-space at mid_block.output, each feature steered on every step of
+    the edit window and shown its examples among ``sampled_examples`` of the model's own samples.
+
+    Dense (default): a random TopK SAE (128 features, k=8); its features fire on most samples, so the
+    contrast sets are thin. ``sparse``: a JumpReLU SAE with random unit directions whose thresholds
+    make each feature fire on about 30 % of the samples (the 70th percentile of its per-sample peak
+    pre-activation over 32 other samples), so the examples have full firing and non-firing sets: the
+    harder negative. Nothing here means anything: every row is a negative, and a row is clear when
+    either kind of evidence gives a clear explanation (``extra["examples_clear"]`` says which)."""
     from diffusers import DDIMScheduler, UNet2DModel
 
     from latentexplainer_plugin import DDPMAdapter, LatentExplainer
@@ -164,13 +169,22 @@ def random_unet_sae_family(size: int, samples: int, n_features: int = 8, seed: i
                        norm_num_groups=8, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2).eval()
     inner = DDPMAdapter(unet, DDIMScheduler(num_train_timesteps=1000), steps=10, t_edit=500)
     g = torch.Generator().manual_seed(seed + 1)
-    d, f = 64, 128
-    sae = SparseAutoencoder(torch.randn(d, f, generator=g) / d ** 0.5, torch.zeros(f), torch.randn(f, d, generator=g) / d ** 0.5,
-                            torch.zeros(d), "topk", k=8)
-    adapter = SAEFeatureAdapter(inner, sae, features=list(range(n_features)), stats_bases=16,
-                                sampled_examples=sampled_examples)
+    d = 64
+    if sparse:
+        directions = torch.nn.functional.normalize(torch.randn(n_features, d, generator=g), dim=1)
+        h = inner.capture_h(inner.sample_bases(32, seed=seed + 99), window_only=False)  # (32, steps, d, s, s)
+        peaks = (h.movedim(2, -1) @ directions.T).flatten(1, 3).amax(1)  # (32, features)
+        sae = SparseAutoencoder(directions.T.clone(), torch.zeros(n_features), directions.clone(), torch.zeros(d),
+                                "jumprelu", threshold=peaks.quantile(0.7, dim=0), apply_b_dec_to_input=False)
+        features, name = None, f"random-unet-sparse-sae-{size}"
+    else:
+        f = 128
+        sae = SparseAutoencoder(torch.randn(d, f, generator=g) / d ** 0.5, torch.zeros(f),
+                                torch.randn(f, d, generator=g) / d ** 0.5, torch.zeros(d), "topk", k=8)
+        features, name = list(range(n_features)), f"random-unet-sae-{size}"
+    adapter = SAEFeatureAdapter(inner, sae, features=features, stats_bases=16, sampled_examples=sampled_examples)
     results = LatentExplainer(adapter, backend="offline", samples=samples, similarity=SIMILARITY).attribute()
-    rows = rows_from(f"random-unet-sae-{size}", results, {})
+    rows = rows_from(name, results, {})
     for row, result in zip(rows, results):
         record = result.extras.get("examples") or {}
         row.extra["examples_clear"] = bool(record.get("clear"))
@@ -329,6 +343,8 @@ def main() -> None:
     plan += [(f"random-unet-{size}", lambda size=size: random_unet_family(size, args.samples, 3 if args.quick else args.directions))
              for size in sizes]
     plan += [(f"random-unet-sae-{size}", lambda size=size: random_unet_sae_family(size, args.samples)) for size in sizes]
+    plan += [(f"random-unet-sparse-sae-{size}", lambda size=size: random_unet_sae_family(size, args.samples, sparse=True))
+             for size in sizes]
     if args.families:
         wanted = [w.strip() for w in args.families.split(",") if w.strip()]
         plan = [(name, run) for name, run in plan if any(name.startswith(w) for w in wanted)]
