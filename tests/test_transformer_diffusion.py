@@ -178,6 +178,13 @@ def hooked(block, alpha, vector, window):
     return block.register_forward_hook(hook), calls
 
 
+def run_pixart(pipe, latents):
+    """The PixArt pipeline at 16 px wide from ``latents`` (one image each), guidance 4.5, STEPS steps."""
+    return pipe(prompt="a photo of a cat", latents=latents, num_images_per_prompt=len(latents), guidance_scale=4.5,
+                num_inference_steps=STEPS, height=16, width=16, max_sequence_length=8, clean_caption=False,
+                use_resolution_binning=False, output_type="pt").images
+
+
 def test_sites_shapes_and_declarations(dit, pixart):
     for a, kind in ((dit, "DiTTransformer2DModel"), (pixart, "PixArtTransformer2DModel")):
         assert str(a.site) == "transformer_blocks.2.output"  # the middle of 4 blocks
@@ -226,15 +233,10 @@ def test_pixart_traverse_matches_pipeline_with_a_hook_edit(pixart, pixart_dir):
     x = bases[:, None].expand(2, 3, 4, 8, 8).reshape(6, 4, 8, 8)  # the traversal's batch: (base, strength)
     alpha = torch.tensor(strengths).repeat(2)
 
-    def run_pipe():
-        return pipe(prompt="a photo of a cat", latents=x, num_images_per_prompt=6, guidance_scale=4.5,
-                    num_inference_steps=STEPS, height=16, width=16, max_sequence_length=8, clean_caption=False,
-                    use_resolution_binning=False, output_type="pt").images
-
-    plain = run_pipe()
+    plain = run_pixart(pipe, x)
     handle, calls = hooked(pipe.transformer.transformer_blocks[2], alpha, pixart.directions[1] * 3.0, window={0, 1})
     try:
-        ref = run_pipe()
+        ref = run_pixart(pipe, x)
     finally:
         handle.remove()
     got = traversal.images[:, 0].reshape(6, 3, 16, 16)
@@ -634,15 +636,10 @@ def test_pixart_1024_size_conditions_match_the_pipeline(pixart1024_dir):
     bases = a.sample_bases(1, seed=SEED)
     x, alpha = bases.expand(3, 4, 8, 8), torch.tensor([-2.0, 0.0, 2.0])
 
-    def run_pipe(height=16):
-        return pipe(prompt="a photo of a cat", latents=x, num_images_per_prompt=3, guidance_scale=4.5,
-                    num_inference_steps=STEPS, height=height, width=16, max_sequence_length=8, clean_caption=False,
-                    use_resolution_binning=False, output_type="pt").images
-
-    plain = run_pipe()
+    plain = run_pixart(pipe, x)
     handle, calls = hooked(pipe.transformer.transformer_blocks[2], alpha, a.directions[0] * 3.0, window={0, 1})
     try:
-        ref = run_pipe()
+        ref = run_pixart(pipe, x)
     finally:
         handle.remove()
     got = a.traverse([0], bases, [-2.0, 0.0, 2.0])[0].images[0, 0]

@@ -48,7 +48,7 @@ from ..hooks import SiteError, edit_items, probe_shape, resolve_module
 from ..options import ComponentOptions, validate_options
 from ..types import Edit, Site, Traversal
 from .formats import load_sae
-from .model import SparseAutoencoder
+from .model import SparseAutoencoder, parse_features
 from .steering import RULE, SAEEdit
 
 StrengthMode = Literal["quantiles", "relative", "absolute"]
@@ -126,14 +126,7 @@ class SAEFeatureAdapter(Adapter):
         probe = inner.sample_bases(1, seed=stats_seed).to(inner.device, getattr(inner, "dtype", None) or torch.float32)
         self.site_shape = tuple(probe_shape(inner.driver, self.site, probe))
         self.sae.check_site(self.site_shape, site=self.site, feature_axis=feature_axis)
-        if features is None:
-            self.features = list(range(self.sae.d_sae))
-        else:
-            self.features = [int(k) for k in features]
-            bad = [k for k in self.features if not 0 <= k < self.sae.d_sae]
-            if not self.features or bad:
-                raise ValueError(f"features must be SAE feature numbers in 0..{self.sae.d_sae - 1}, got "
-                                 f"{bad or 'an empty list'}")
+        self.features = parse_features(features, self.sae.d_sae)
         self._stats: dict[str, torch.Tensor] | None = None
         self._examples: dict[str, Any] | None = None  # attach_examples: store, index, images, masks, sizes
         if sampled_examples is not None:

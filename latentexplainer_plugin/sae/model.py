@@ -21,7 +21,7 @@ also 4-D. :meth:`SparseAutoencoder.check_site` applies the same rule to a probed
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -52,6 +52,21 @@ def _check_tensor(name: str, value: Any, shape: tuple[int, ...]) -> torch.Tensor
         raise SAEError(f"SAE tensor {name} contains {int(bad.sum())} non-finite values ({n_nan} NaN, "
                        f"{int(bad.sum()) - n_nan} inf) out of {value.numel()}; the SAE weights are broken")
     return value.detach().clone()
+
+
+def parse_features(features: str | Sequence[int] | None, d_sae: int) -> list[int]:
+    """SAE feature numbers to explain: None -> all ``d_sae``; a list or ``"0,5,9"`` -> those, in order,
+    each once. An empty list or a number outside 0..d_sae-1 is an SAEError naming the allowed range."""
+    if features is None:
+        return list(range(d_sae))
+    if isinstance(features, str):
+        items = [int(f) for f in features.split(",") if f.strip()]
+    else:
+        items = [int(f) for f in features]
+    bad = [f for f in items if not 0 <= f < d_sae]
+    if not items or bad:
+        raise SAEError(f"features must be SAE feature numbers in 0..{d_sae - 1}, got {bad or 'an empty list'}")
+    return list(dict.fromkeys(items))
 
 
 class SparseAutoencoder(nn.Module):

@@ -25,6 +25,7 @@ from ..adapters.base import Adapter
 from ..errors import VLMError
 from ..options import ComponentOptions, NonNegativeInt, PositiveInt, validate_options
 from ..types import Traversal
+from ..sae.model import parse_features
 
 __all__ = ["VLMFeatureAdapter", "VLMFeatureOptions"]
 
@@ -39,16 +40,6 @@ class VLMFeatureOptions(ComponentOptions):
     n_quantiles: PositiveInt = Field(10, description="examples across the activation quantiles per feature")
     n_contrast: PositiveInt = Field(15, description="images where the feature never fires, per feature")
     device: str = Field("cpu", description="torch device (the run's --device)")
-
-
-def _parse_features(features: str | Sequence[int] | None, d_sae: int) -> tuple[int, ...]:
-    if features is None:
-        return tuple(range(d_sae))
-    items = [int(f) for f in features.split(",") if f.strip()] if isinstance(features, str) else [int(f) for f in features]
-    bad = [f for f in items if not 0 <= f < d_sae]
-    if not items or bad:
-        raise VLMError(f"features must be SAE feature numbers in 0..{d_sae - 1}; got {features!r}")
-    return tuple(dict.fromkeys(items))
 
 
 class VLMFeatureAdapter(Adapter):
@@ -90,7 +81,7 @@ class VLMFeatureAdapter(Adapter):
         if int(self.sae.d_in) != width:
             raise VLMError(f"the SAE reads d_in={int(self.sae.d_in)} numbers per token, but the language model's hidden "
                            f"states have {width}; give an SAE trained at this model's layers")
-        self.features = _parse_features(features, int(self.sae.d_sae))
+        self.features = tuple(parse_features(features, int(self.sae.d_sae)))
         self.n_top, self.n_quantiles, self.n_contrast = int(n_top), int(n_quantiles), int(n_contrast)
         self.device = torch.device(device)
         self._examples: dict[str, Any] | None = None
