@@ -238,10 +238,10 @@ def test_adapter_reads_the_store_once_per_block_of_features(tmp_path, monkeypatc
     counter = _CountOpens(monkeypatch)
     got = [adapter.example_set(i) for i in range(12)]
     assert counter.n == math.ceil(12 / 5) * n_shards == 3 * n_shards > 3
-    assert e["ready"] == {}  # every prefetched set was handed out: nothing held
+    assert e["sets"]._ready == {}  # every prefetched set was handed out: nothing held
     counter.n = 0
     for i, s in enumerate(got):
-        ex, maps = example_set(e["sae"], store, e["index"], i, n_top=3, n_quantiles=2, n_contrast=2)
+        ex, maps = example_set(e["sets"].sae, store, e["index"], i, n_top=3, n_quantiles=2, n_contrast=2)
         ref = to_example_set(ex, images, maps, latent_id=f"f{i}")
         assert s.latent_id == ref.latent_id and s.meta == ref.meta
         assert torch.equal(s.activating, ref.activating) and torch.equal(s.inactive, ref.inactive)

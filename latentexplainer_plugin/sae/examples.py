@@ -20,6 +20,7 @@ object mask.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -510,7 +511,41 @@ def to_example_set(examples: FeatureExamples, images: Any, maps: dict[tuple[int,
                       maps=amaps, meta=meta)
 
 
+
+class BlockedExamples:
+    """The example sets of ``features[i]``, served so that one pass over the store reads the
+    activation maps of ``block`` features: asking for latent i reads the maps of i and of the next
+    ``block - 1`` latents not yet served, held until each is asked for (latents explained in
+    increasing order read the store about len(features) / ``block`` times, not once each).
+    ``images`` and ``masks`` as in :func:`to_example_set`."""
+
+    def __init__(self, sae: Any, store: ActivationStore | str, index: "ExampleIndex", features: Sequence[int], images: Any,
+                 *, masks: Any = None, n_top: int = 10, n_quantiles: int = 10, n_contrast: int = 20, block: int = 64):
+        self.sae, self.store, self.index, self.features = sae, store, index, list(features)
+        self.images, self.masks, self.block = images, masks, block
+        self.n_top, self.n_quantiles, self.n_contrast = n_top, n_quantiles, n_contrast
+        self._ready: dict[int, tuple[FeatureExamples, dict[tuple[int, int], torch.Tensor]]] = {}
+        self._served: set[int] = set()
+
+    def prefetch(self, positions: Sequence[int]) -> None:
+        """Read the examples and maps of ``features[i]`` for each i in ``positions`` in one pass over the
+        store (replaces earlier prefetches)."""
+        positions = list(dict.fromkeys(positions))
+        found = example_sets(self.sae, self.store, self.index, [self.features[i] for i in positions], n_top=self.n_top,
+                             n_quantiles=self.n_quantiles, n_contrast=self.n_contrast)
+        self._ready = dict(zip(positions, found))
+
+    def get(self, i: int, latent_id: str | None = None) -> ExampleSet:
+        """The :class:`~latentexplainer_plugin.types.ExampleSet` of ``features[i]``."""
+        if i not in self._ready:
+            after = (j for j in range(i + 1, len(self.features)) if j not in self._served)
+            self.prefetch([i, *itertools.islice(after, self.block - 1)])
+        found, maps = self._ready.pop(i)
+        self._served.add(i)
+        return to_example_set(found, self.images, maps, latent_id=latent_id, masks=self.masks)
+
+
 __all__ = [
-    "Example", "ExampleIndex", "ExamplesError", "FeatureExamples", "MASK_THRESHOLD", "activation_mask", "activation_maps",
+    "BlockedExamples", "Example", "ExampleIndex", "ExamplesError", "FeatureExamples", "MASK_THRESHOLD", "activation_mask", "activation_maps",
     "example_set", "example_sets", "feature_iou", "index_examples", "mask_iou", "overlay", "render_example_set", "to_example_set", "upsample",
 ]

@@ -36,7 +36,6 @@ to ``flux``) and explains the SAE's features there instead of the adapter's own 
 from __future__ import annotations
 
 import copy
-import itertools
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Sequence
 
@@ -230,7 +229,7 @@ class SAEFeatureAdapter(Adapter):
         import numpy as np
 
         from .collect import ActivationStore, collect_from_adapter
-        from .examples import ExamplesError, index_examples
+        from .examples import BlockedExamples, ExamplesError, index_examples
 
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:
@@ -262,9 +261,10 @@ class SAEFeatureAdapter(Adapter):
                                 f"{len(images)} images were given; item i must be image i")
         sae = self.sae if self.sae.W_enc.device.type == "cpu" else copy.deepcopy(self.sae).cpu()
         index = index_examples(sae, store, top_k=n_top, reservoir=max(reservoir, n_quantiles), contrast=n_contrast, seed=seed)
-        self._examples = {"store": store, "index": index, "images": images, "masks": masks, "sae": sae, "tmp": tmp,
-                          "n_top": n_top, "n_quantiles": n_quantiles, "n_contrast": n_contrast, "block": block,
-                          "ready": {}, "served": set()}
+        self._examples = {"store": store, "index": index, "masks": masks, "tmp": tmp, "n_top": n_top,
+                          "n_quantiles": n_quantiles, "n_contrast": n_contrast,
+                          "sets": BlockedExamples(sae, store, index, self.features, images, masks=masks, n_top=n_top,
+                                                  n_quantiles=n_quantiles, n_contrast=n_contrast, block=block)}
         stats = index.statistics(self.features)
         stats["dense"] = stats["position_frequency"] > self.dense_frequency
         self._stats = stats
@@ -337,31 +337,19 @@ class SAEFeatureAdapter(Adapter):
         served are read in one pass over the store and held until each is asked for (latents are
         explained in increasing order, so a run reads the store about n_latents / ``block`` times).
         """
-        from .examples import to_example_set
-
         if self._examples is None:
             return None
         i = self.check_index(index)
-        e = self._examples
-        if i not in e["ready"]:
-            after = (j for j in range(i + 1, self.n_latents) if j not in e["served"])
-            self.prefetch_examples([i, *itertools.islice(after, e["block"] - 1)])
-        ex, maps = e["ready"].pop(i)
-        e["served"].add(i)
-        return to_example_set(ex, e["images"], maps, latent_id=self.latent_id(i), masks=e["masks"])
+        return self._examples["sets"].get(i, latent_id=self.latent_id(i))
 
     def prefetch_examples(self, indices: Sequence[int]) -> None:
         """Read the example sets and activation maps of latents ``indices`` in one pass over the
         store; :meth:`example_set` then serves them without reading it. Replaces earlier prefetches."""
-        from .examples import ExamplesError, example_sets
+        from .examples import ExamplesError
 
         if self._examples is None:
             raise ExamplesError("no example evidence to prefetch: call attach_examples(images, ...) first")
-        e = self._examples
-        indices = list(dict.fromkeys(self.check_index(i) for i in indices))
-        found = example_sets(e["sae"], e["store"], e["index"], [self.features[i] for i in indices], n_top=e["n_top"],
-                             n_quantiles=e["n_quantiles"], n_contrast=e["n_contrast"])
-        e["ready"] = dict(zip(indices, found))
+        self._examples["sets"].prefetch([self.check_index(i) for i in indices])
 
     def feature_stats(self) -> list[dict[str, Any]]:
         """Per latent: feature number, frequency, position_frequency, median_active, max, dead, dense."""

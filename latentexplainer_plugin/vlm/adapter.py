@@ -107,7 +107,7 @@ class VLMFeatureAdapter(Adapter):
     def attach_examples(self, images: Any, *, masks: Any = None, **_: Any) -> "VLMFeatureAdapter":
         """Collect the layer's image-token activations of ``images`` ((N, H, W, 3) uint8) and index every
         feature's examples; ``masks`` ((N, H, W) bool object masks) add the IoU of the activation masks."""
-        from ..sae.examples import index_examples
+        from ..sae.examples import BlockedExamples, index_examples
         from .activations import collect_image_token_activations
 
         images = np.asarray(images)
@@ -121,7 +121,10 @@ class VLMFeatureAdapter(Adapter):
         index = index_examples(self.sae, store, top_k=self.n_top, reservoir=max(64, self.n_quantiles),
                                contrast=self.n_contrast)
         self._examples = {"tmp": tmp, "store": store, "index": index, "images": images, "masks": masks,
-                          "stats": index.statistics(self.features), "dense": set(index.dense_features())}
+                          "stats": index.statistics(self.features), "dense": set(index.dense_features()),
+                          "sets": BlockedExamples(self.sae, store, index, self.features, images, masks=masks,
+                                                  n_top=self.n_top, n_quantiles=self.n_quantiles,
+                                                  n_contrast=self.n_contrast)}
         return self
 
     @property
@@ -129,16 +132,11 @@ class VLMFeatureAdapter(Adapter):
         return self._examples is not None
 
     def example_set(self, index: int) -> Any:
-        """The :class:`~latentexplainer_plugin.types.ExampleSet` of latent ``index``."""
-        from ..sae.examples import example_set, to_example_set
-
+        """The :class:`~latentexplainer_plugin.types.ExampleSet` of latent ``index`` (activation maps are
+        read for a block of 64 features per pass over the collection: ``sae.examples.BlockedExamples``)."""
         if self._examples is None:
             raise VLMError("no examples yet: call attach_examples(images) first (the images the features are read on)")
-        e = self._examples
-        feature = self.features[self.check_index(index)]
-        found, maps = example_set(self.sae, e["store"], e["index"], feature, n_top=self.n_top,
-                                  n_quantiles=self.n_quantiles, n_contrast=self.n_contrast)
-        return to_example_set(found, e["images"], maps, latent_id=self.latent_id(index), masks=e["masks"])
+        return self._examples["sets"].get(self.check_index(index), latent_id=self.latent_id(index))
 
     def latent_extras(self, index: int) -> dict[str, Any]:
         """Feature statistics from the data: frequency, dead, dense (after :meth:`attach_examples`)."""
